@@ -1,0 +1,287 @@
+"""Load CIFAR-10/100 as host arrays: through tfds, or from a local ImageFolder directory or zip.
+
+Layout of a local copy: ``<root>/{train,test}/<class>/*.{png,jpg,jpeg}`` where ``<root>`` is the given
+path or one folder inside it (e.g. ``cifar10/`` inside ``cifar10_jpeg.zip``). Images are decoded with PIL
+(accurate JPEG IDCT) and never extracted to disk.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxcifar.data.cache import default_cache_dir, fingerprint, load_arrays, save_arrays
+from jaxcifar.errors import DataError
+
+IMAGE_SHAPE = (32, 32, 3)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+SPLITS = ("train", "test")
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split on the host. ``images``: uint8 [N, 32, 32, 3] (NHWC, RGB); ``labels``: int32 [N];
+    ``coarse_labels``: int32 [N] for CIFAR-100 from tfds, else ``None``."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    coarse_labels: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def take(self, index: np.ndarray) -> Split:
+        """The examples at ``index`` (int array), in that order."""
+        coarse = None if self.coarse_labels is None else self.coarse_labels[index]
+        return Split(self.images[index], self.labels[index], coarse)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A CIFAR dataset: the train and test splits plus class names in canonical label order."""
+
+    name: str
+    train: Split
+    test: Split
+    class_names: tuple[str, ...]
+    coarse_class_names: tuple[str, ...] | None = None
+    source: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def load_cifar(
+    name: str = "cifar10",
+    path: str | os.PathLike | None = None,
+    *,
+    data_dir: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    progress: bool = True,
+    download: bool = True,
+) -> Dataset:
+    """Load ``cifar10`` or ``cifar100``.
+
+    With ``path`` (an ImageFolder directory or ``.zip``) the local copy is read; otherwise tfds loads the
+    dataset (downloading into ``data_dir`` when online and ``download``). Decoded arrays are cached under ``cache_dir``
+    (default ``$JAXCIFAR_CACHE`` or ``~/.cache/jaxcifar``), keyed by the source's content, so the second
+    load takes well under a second.
+    """
+    if name not in NUM_CLASSES:
+        raise DataError(f"unknown dataset {name!r}: use one of {sorted(NUM_CLASSES)}")
+    cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if path is not None:
+        source = Path(path).expanduser()
+        if not source.exists():
+            raise DataError(f"data path {str(source)!r} does not exist: pass an ImageFolder directory or zip")
+        key = f"{name}-folder-{fingerprint(source)}"
+        loader = lambda: _read_image_folder(source, name, progress)  # noqa: E731
+        label = str(source)
+    else:
+        key = f"{name}-tfds-{_tfds_key(data_dir)}"
+        loader = lambda: _read_tfds(name, data_dir, download)  # noqa: E731
+        label = f"tfds:{name}"
+    cache_file = cache_root / f"{key}.npz"
+    arrays = load_arrays(cache_file) if use_cache else None
+    if arrays is None:
+        arrays = loader()
+        if use_cache:
+            save_arrays(cache_file, arrays)
+    return _dataset_from_arrays(name, arrays, label)
+
+
+def _dataset_from_arrays(name: str, a: dict[str, np.ndarray], source: str) -> Dataset:
+    def split(s: str) -> Split:
+        coarse = a.get(f"{s}_coarse_labels")
+        return Split(a[f"{s}_images"], a[f"{s}_labels"].astype(np.int32), coarse)
+
+    coarse_names = tuple(str(c) for c in a["coarse_class_names"]) if "coarse_class_names" in a else None
+    ds = Dataset(name, split("train"), split("test"), tuple(str(c) for c in a["class_names"]),
+                 coarse_names, source)
+    _validate(ds)
+    return ds
+
+
+def _validate(ds: Dataset) -> None:
+    expected = NUM_CLASSES[ds.name]
+    if ds.num_classes != expected:
+        raise DataError(
+            f"{ds.source} has {ds.num_classes} classes but {ds.name} has {expected}: "
+            f"check --dataset or the class folders"
+        )
+    for s in SPLITS:
+        split = getattr(ds, s)
+        if len(split) == 0:
+            raise DataError(f"split {s!r} of {ds.source} is empty: add images under {s}/<class>/")
+        if split.images.shape[1:] != IMAGE_SHAPE or split.images.dtype != np.uint8:
+            raise DataError(f"split {s!r} of {ds.source} holds {split.images.shape[1:]} "
+                            f"{split.images.dtype} images, expected uint8 {IMAGE_SHAPE}")
+
+
+# ----------------------------------------------------------------------------------------- ImageFolder
+
+
+class _Files:
+    """Uniform read access to a directory tree or a zip archive (members are read, never extracted)."""
+
+    def __init__(self, source: Path):
+        self.source = source
+        self.zip: zipfile.ZipFile | None = None
+        if source.is_file():
+            try:
+                self.zip = zipfile.ZipFile(source)
+            except zipfile.BadZipFile as e:
+                raise DataError(f"{source} is not a readable zip ({e}): pass an ImageFolder directory or zip")
+            names = [i.filename for i in self.zip.infolist()]  # folders end with "/"
+        else:
+            names = []
+            for root, dirs, files in os.walk(source):
+                rel = os.path.relpath(root, source).replace(os.sep, "/")
+                rel = "" if rel == "." else rel + "/"
+                names += [f"{rel}{d}/" for d in dirs] + [f"{rel}{f}" for f in files]
+        for n in names:
+            p = PurePosixPath(n)
+            if p.is_absolute() or ".." in p.parts:
+                raise DataError(f"{source} contains the unsafe member name {n!r}: refusing to read it")
+        self.names = sorted(names)
+
+    def read(self, name: str) -> bytes:
+        if self.zip is not None:
+            return self.zip.read(name)
+        return (self.source / name).read_bytes()
+
+
+def _find_root(names: list[str], source: Path) -> str:
+    """The prefix (``''`` or ``'dir/'``) under which both ``train/`` and ``test/`` live."""
+    candidates = {""} | {n.split("/", 1)[0] + "/" for n in names if "/" in n}
+    for prefix in sorted(candidates, key=len):
+        if all(any(n.startswith(f"{prefix}{s}/") for n in names) for s in SPLITS):
+            return prefix
+    raise DataError(
+        f"{source} has no train/ and test/ folders: expected <root>/{{train,test}}/<class>/*.png|jpg"
+    )
+
+
+def _read_image_folder(source: Path, name: str, progress: bool) -> dict[str, np.ndarray]:
+    files = _Files(source)
+    root = _find_root(files.names, source)
+    per_split: dict[str, dict[str, list[str]]] = {}
+    for s in SPLITS:
+        classes: dict[str, list[str]] = {}
+        prefix = f"{root}{s}/"
+        for n in files.names:
+            if not n.startswith(prefix):
+                continue
+            parts = n[len(prefix):].split("/")
+            if len(parts) == 2 and parts[0]:  # "<class>/<file>" or the folder "<class>/" itself
+                images = classes.setdefault(parts[0], [])
+                if parts[1].lower().endswith(IMAGE_SUFFIXES):
+                    images.append(n)
+        per_split[s] = classes
+    train_classes, test_classes = set(per_split["train"]), set(per_split["test"])
+    if not train_classes and not test_classes:
+        raise DataError(f"{source}: no images under {root}train/<class>/ or {root}test/<class>/")
+    if train_classes != test_classes:
+        only_train = sorted(train_classes - test_classes)
+        only_test = sorted(test_classes - train_classes)
+        raise DataError(
+            f"class folders differ between splits in {source}: only in train {only_train}, "
+            f"only in test {only_test}; make both splits hold the same class folders"
+        )
+    class_names = tuple(sorted(train_classes))
+    if name == "cifar10" and set(class_names) == set(CIFAR10_CLASSES):
+        class_names = CIFAR10_CLASSES
+    total = sum(len(v) for d in per_split.values() for v in d.values())
+    arrays: dict[str, np.ndarray] = {"class_names": np.array(class_names)}
+    with tqdm(total=total, desc=f"decoding {source.name}", unit="img", disable=not progress) as bar:
+        for s in SPLITS:
+            images, labels = [], []
+            for label, cls in enumerate(class_names):
+                for n in per_split[s][cls]:
+                    images.append(_decode(files.read(n), n, source))
+                    labels.append(label)
+                    bar.update()
+            if not images:
+                raise DataError(f"split {s!r} of {source} is empty: add images under {s}/<class>/")
+            arrays[f"{s}_images"] = np.stack(images)
+            arrays[f"{s}_labels"] = np.asarray(labels, np.int32)
+    return arrays
+
+
+def _decode(data: bytes, member: str, source: Path) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            img = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except Exception as e:  # PIL raises several types for damaged files
+        raise DataError(f"cannot decode image {member} in {source} ({e}): replace or delete that file") from e
+    if img.shape != IMAGE_SHAPE:
+        raise DataError(f"image {member} in {source} is {img.shape[1]}x{img.shape[0]}, CIFAR images are "
+                        f"32x32: resize it or remove it")
+    return img
+
+
+# ----------------------------------------------------------------------------------------------- tfds
+
+
+def _import_tfds():
+    """Import tfds lazily (TensorFlow takes seconds) and hide every GPU from TensorFlow, so that it
+    never grabs memory that JAX needs."""
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")
+    import tensorflow_datasets as tfds
+
+    return tfds
+
+
+def _tfds_key(data_dir: str | None) -> str:
+    import hashlib
+
+    return hashlib.sha256(str(Path(data_dir).expanduser().resolve() if data_dir else "").encode()).hexdigest()[:12]
+
+
+def _read_tfds(name: str, data_dir: str | None, download: bool) -> dict[str, np.ndarray]:
+    tfds = _import_tfds()
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+        if download:
+            builder.download_and_prepare()
+        raw = {s: _tfds_split_arrays(tfds, builder, s) for s in SPLITS}
+    except Exception as e:
+        raise DataError(
+            f"tfds could not load {name} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            f"offline? pass --data PATH to an ImageFolder directory or zip"
+        ) from e
+    features = builder.info.features
+    arrays = {"class_names": np.array(features["label"].names)}
+    if "coarse_label" in features:
+        arrays["coarse_class_names"] = np.array(features["coarse_label"].names)
+    for s in SPLITS:
+        arrays[f"{s}_images"] = np.asarray(raw[s]["image"], np.uint8)
+        arrays[f"{s}_labels"] = np.asarray(raw[s]["label"], np.int32)
+        if "coarse_label" in raw[s]:
+            arrays[f"{s}_coarse_labels"] = np.asarray(raw[s]["coarse_label"], np.int32)
+    return arrays
+
+
+def _tfds_split_arrays(tfds, builder, split: str) -> dict[str, np.ndarray]:
+    """One split as numpy arrays, read in batches (``batch_size=-1`` crashes TF on generator-backed
+    datasets such as ``tfds.testing.mock_data``)."""
+    keys = ("image", "label", "coarse_label")
+    parts = [{k: b[k] for k in keys if k in b}
+             for b in tfds.as_numpy(builder.as_dataset(split=split).batch(10_000))]
+    if not parts:
+        return {"image": np.zeros((0, *IMAGE_SHAPE), np.uint8), "label": np.zeros((0,), np.int32)}
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

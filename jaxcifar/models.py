@@ -1,0 +1,192 @@
+"""Flax ``linen`` models for CIFAR: MLP, the classic ConvNet, and ResNets (18 with a CIFAR stem, 20, 56).
+
+Every model maps float NHWC images [N, 32, 32, 3] to logits [N, num_classes] (softmax lives in the loss),
+takes ``train`` (dropout and batch-norm mode) and an optional traced ``dropout_rate`` that overrides the
+configured one, so a sweep can ``vmap`` over rates. The classifier is always the submodule ``head``, so a
+body trained on CIFAR-10 can be loaded under a new CIFAR-100 head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxcifar.errors import ConfigError
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": nn.relu,
+    "gelu": nn.gelu,
+    "leaky_relu": nn.leaky_relu,
+    "silu": nn.silu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    if name not in ACTIVATIONS:
+        raise ConfigError(f"unknown activation {name!r}: use one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class Dropout(nn.Module):
+    """Inverted dropout whose rate may be a traced value (``nn.Dropout`` needs a static rate)."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, rate: float | jax.Array, train: bool) -> jax.Array:
+        if not train or (isinstance(rate, int | float) and rate == 0.0):
+            return x
+        keep = 1.0 - jnp.asarray(rate, jnp.float32)
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, x.shape)
+        return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros((), x.dtype))
+
+
+class MLP(nn.Module):
+    """Flatten -> Dense(h) + activation (+ dropout) for each hidden size -> Dense(num_classes)."""
+
+    num_classes: int = 10
+    hidden: Sequence[int] = (4096, 4096)
+    activation: str = "relu"
+    dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, dropout_rate=None):
+        act = activation(self.activation)
+        rate = self.dropout_rate if dropout_rate is None else dropout_rate
+        x = x.reshape(x.shape[0], -1).astype(self.dtype)
+        for i, h in enumerate(self.hidden):
+            x = act(nn.Dense(h, dtype=self.dtype, name=f"dense{i}")(x))
+            x = Dropout(name=f"drop{i}")(x, rate, train)
+        return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
+
+
+class ConvNet(nn.Module):
+    """The classic CIFAR assignment net: conv32-conv32-pool-conv64-conv64-pool-dense512-dense(classes).
+
+    ``channels`` groups convolutions into blocks, each followed by 2x2 max-pooling. ``dropout_at`` picks
+    where dropout applies: ``"blocks"`` (after each pooled block), ``"head"`` (before the classifier and
+    after the hidden dense layer) or both.
+    """
+
+    num_classes: int = 10
+    channels: Sequence[Sequence[int]] = ((32, 32), (64, 64))
+    kernel_size: int = 3
+    padding: str = "VALID"
+    dense: Sequence[int] = (512,)
+    batch_norm: bool = False
+    activation: str = "relu"
+    dropout_rate: float = 0.0
+    dropout_at: Sequence[str] = ("head",)
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, dropout_rate=None):
+        act = activation(self.activation)
+        unknown = set(self.dropout_at) - {"blocks", "head"}
+        if unknown:
+            raise ConfigError(f"unknown dropout position(s) {sorted(unknown)}: use 'blocks' and/or 'head'")
+        rate = self.dropout_rate if dropout_rate is None else dropout_rate
+        x = x.astype(self.dtype)
+        k = (self.kernel_size, self.kernel_size)
+        for b, block in enumerate(self.channels):
+            for c, width in enumerate(block):
+                x = nn.Conv(width, k, padding=self.padding, use_bias=not self.batch_norm, dtype=self.dtype,
+                            name=f"conv{b}_{c}")(x)
+                if self.batch_norm:
+                    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
+                                     name=f"bn{b}_{c}")(x)
+                x = act(x)
+            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            if "blocks" in self.dropout_at:
+                x = Dropout(name=f"drop_block{b}")(x, rate, train)
+        x = x.reshape(x.shape[0], -1)
+        for i, width in enumerate(self.dense):
+            x = act(nn.Dense(width, dtype=self.dtype, name=f"dense{i}")(x))
+            if "head" in self.dropout_at:
+                x = Dropout(name=f"drop_dense{i}")(x, rate, train)
+        return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with a residual connection (1x1 conv-BN projection when the shape changes)."""
+
+    width: int
+    stride: int = 1
+    activation: str = "relu"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        act = activation(self.activation)
+        norm = lambda name: nn.BatchNorm(use_running_average=not train, momentum=0.9,  # noqa: E731
+                                         dtype=self.dtype, name=name)
+        y = nn.Conv(self.width, (3, 3), self.stride, padding=1, use_bias=False, dtype=self.dtype, name="conv1")(x)
+        y = act(norm("bn1")(y))
+        y = nn.Conv(self.width, (3, 3), padding=1, use_bias=False, dtype=self.dtype, name="conv2")(y)
+        y = norm("bn2")(y)
+        if self.stride != 1 or x.shape[-1] != self.width:
+            x = nn.Conv(self.width, (1, 1), self.stride, use_bias=False, dtype=self.dtype, name="proj")(x)
+            x = norm("proj_bn")(x)
+        return act(x + y)
+
+
+class ResNet(nn.Module):
+    """ResNet with a CIFAR stem (one 3x3 conv, no max-pool). ``stages`` lists (blocks, width) per stage;
+    every stage after the first halves the resolution. Global average pooling, optional dropout, head."""
+
+    num_classes: int = 10
+    stages: Sequence[tuple[int, int]] = ((2, 64), (2, 128), (2, 256), (2, 512))
+    activation: str = "relu"
+    dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, dropout_rate=None):
+        rate = self.dropout_rate if dropout_rate is None else dropout_rate
+        x = x.astype(self.dtype)
+        x = nn.Conv(self.stages[0][1], (3, 3), padding=1, use_bias=False, dtype=self.dtype, name="stem")(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype, name="stem_bn")(x)
+        x = activation(self.activation)(x)
+        for s, (blocks, width) in enumerate(self.stages):
+            for b in range(blocks):
+                stride = 2 if s > 0 and b == 0 else 1
+                x = BasicBlock(width, stride, self.activation, self.dtype, name=f"stage{s}_block{b}")(x, train)
+        x = x.mean(axis=(1, 2))
+        x = Dropout(name="drop")(x, rate, train)
+        return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
+
+
+def resnet18(**kw) -> ResNet:
+    return ResNet(stages=((2, 64), (2, 128), (2, 256), (2, 512)), **kw)
+
+
+def resnet20(**kw) -> ResNet:
+    return ResNet(stages=((3, 16), (3, 32), (3, 64)), **kw)
+
+
+def resnet56(**kw) -> ResNet:
+    return ResNet(stages=((9, 16), (9, 32), (9, 64)), **kw)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": MLP,
+    "convnet": ConvNet,
+    "resnet18": resnet18,
+    "resnet20": resnet20,
+    "resnet56": resnet56,
+}
+
+
+def create_model(name: str, num_classes: int, dtype: Any = jnp.float32, **kwargs) -> nn.Module:
+    """Build a registered model by name; ``kwargs`` are its fields (e.g. ``batch_norm=True``)."""
+    if name not in MODELS:
+        raise ConfigError(f"unknown model {name!r}: use one of {sorted(MODELS)}")
+    if "activation" in kwargs:
+        activation(kwargs["activation"])
+    try:
+        return MODELS[name](num_classes=num_classes, dtype=dtype, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"bad option for model {name!r}: {e}") from e

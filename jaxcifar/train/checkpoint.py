@@ -1,0 +1,67 @@
+"""Orbax checkpoints: the latest N epochs plus the best by validation accuracy, each holding the whole
+training state (a pytree) and the loop's JSON metadata (history, config, versions)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+from jaxcifar.errors import CheckpointError
+
+
+def _metric(metrics: dict[str, float]) -> float:
+    return metrics["val_accuracy"]
+
+
+def checkpoint_manager(directory: str | Path, keep: int = 2) -> ocp.CheckpointManager:
+    """A manager that keeps the ``keep`` latest epochs and the best one (by ``val_accuracy``).
+    Saves are synchronous, so a checkpoint that exists is complete (Orbax writes to a temporary
+    directory and renames it)."""
+    policy = pp.AnyPreservationPolicy([pp.LatestN(n=keep), pp.BestN(get_metric_fn=_metric, n=1)])
+    options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=False)
+    return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+
+
+def save(manager: ocp.CheckpointManager, epoch: int, state: Any, meta: dict[str, Any], val_accuracy: float) -> None:
+    manager.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                 metrics={"val_accuracy": float(val_accuracy)})
+    manager.wait_until_finished()
+
+
+def best_step(manager: ocp.CheckpointManager) -> int | None:
+    """The epoch of the best saved checkpoint (by validation accuracy), or the latest if none has metrics."""
+    return manager.best_step() if manager.best_step() is not None else manager.latest_step()
+
+
+def restore(directory: str | Path, target: Any, which: str | int = "latest") -> tuple[Any, dict[str, Any]]:
+    """Restore ``(state, meta)`` from ``directory``; ``which`` is ``'latest'``, ``'best'`` or an epoch.
+    ``target`` is a state of the same structure (e.g. freshly initialized) whose shapes and shardings
+    the restored arrays take."""
+    directory = Path(directory)
+    if not directory.exists():
+        raise CheckpointError(f"no checkpoint directory {directory}: train first or pass the right path")
+    manager = checkpoint_manager(directory)
+    step = manager.latest_step() if which == "latest" else best_step(manager) if which == "best" else int(which)
+    if step is None or step not in manager.all_steps():
+        raise CheckpointError(f"no checkpoint {which!r} in {directory} (have {manager.all_steps()}): train first")
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    try:
+        out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                            meta=ocp.args.JsonRestore()))
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"checkpoint {directory}/{step} does not fit this model/config ({e}): "
+                              f"use the config it was written with") from e
+    return out.state, out.meta
+
+
+def load_body(params: Any, trained_params: Any, head: str = "head") -> Any:
+    """Fine-tuning: ``params`` with every top-level module except ``head`` taken from ``trained_params``
+    (e.g. a CIFAR-10 body under a freshly initialized CIFAR-100 head)."""
+    missing = set(params) - set(trained_params) - {head}
+    if missing:
+        raise CheckpointError(f"trained parameters lack modules {sorted(missing)}: use the same model body")
+    return {k: (v if k == head else trained_params[k]) for k, v in params.items()}

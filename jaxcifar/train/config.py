@@ -1,0 +1,113 @@
+"""The training configuration: one small frozen dataclass, validated before anything compiles."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from jaxcifar.data.augment import AUGMENTATIONS
+from jaxcifar.errors import ConfigError
+from jaxcifar.models import ACTIVATIONS, MODELS
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "step", "cosine", "warmup_cosine", "onecycle")
+LOOPS = ("auto", "scan", "unrolled")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run. Defaults are the classic CIFAR-10 baseline:
+    ConvNet, SGD lr 1e-3 momentum 0.9, batch 32, 20 epochs, 49000/1000 train/validation split."""
+
+    # model
+    model: str = "convnet"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    dropout_rate: float = 0.0
+    dtype: str = "float32"  # compute dtype; parameters stay float32
+    # optimizer
+    optimizer: str = "sgd"
+    learning_rate: float = 1e-3
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0  # coupled (L2 in the gradient) for sgd/adam, decoupled for adamw
+    b1: float = 0.9
+    b2: float = 0.999
+    grad_clip_norm: float | None = None
+    label_smoothing: float = 0.0
+    # schedule
+    schedule: str = "constant"
+    warmup_epochs: float = 0.0
+    step_epochs: tuple[int, ...] = ()  # "step": multiply by step_factor at these epochs
+    step_factor: float = 0.1
+    plateau_patience: int | None = None  # reduce-on-plateau of the validation loss (epochs); None = off
+    plateau_factor: float = 0.1
+    # data
+    batch_size: int = 32
+    eval_batch_size: int = 1000
+    val_size: int | float = 1000
+    stratified_split: bool = False
+    augment: tuple = ()  # see jaxcifar.data.make_augment
+    # loop
+    epochs: int = 20
+    log_every: int = 200  # steps between training-metric log points
+    early_stopping_patience: int | None = None  # epochs without a better validation accuracy
+    seed: int = 0
+    loop: str = "auto"  # "scan": whole epoch in one lax.scan; "unrolled": chunks of `unroll` steps
+    unroll: int = 16
+    # checkpoints
+    keep_checkpoints: int = 2
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        d = dict(d)
+        for k in ("step_epochs", "augment"):
+            if k in d:
+                d[k] = tuple(tuple(x) if isinstance(x, list) else x for x in d[k])
+        return cls(**d)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate_config(c: TrainConfig, train_size: int | None = None) -> None:
+    """Raise :class:`ConfigError` naming the first invalid field and the fix."""
+    _check(c.model in MODELS, f"unknown model {c.model!r}: use one of {sorted(MODELS)}")
+    act = c.model_kwargs.get("activation", "relu")
+    _check(act in ACTIVATIONS, f"unknown activation {act!r}: use one of {sorted(ACTIVATIONS)}")
+    _check(c.optimizer in OPTIMIZERS, f"unknown optimizer {c.optimizer!r}: use one of {list(OPTIMIZERS)}")
+    _check(c.schedule in SCHEDULES, f"unknown schedule {c.schedule!r}: use one of {list(SCHEDULES)}")
+    _check(c.loop in LOOPS, f"unknown loop {c.loop!r}: use one of {list(LOOPS)}")
+    _check(c.dtype in DTYPES, f"unknown dtype {c.dtype!r}: use one of {list(DTYPES)}")
+    _check(0.0 <= c.dropout_rate < 1.0, f"dropout rate {c.dropout_rate} must be in [0, 1): e.g. 0.5")
+    _check(math.isfinite(c.learning_rate) and c.learning_rate > 0,
+           f"learning rate {c.learning_rate} must be > 0: e.g. 1e-3")
+    _check(c.weight_decay >= 0, f"weight decay {c.weight_decay} must be >= 0")
+    _check(0.0 <= c.momentum < 1.0, f"momentum {c.momentum} must be in [0, 1)")
+    _check(0.0 <= c.label_smoothing < 1.0, f"label smoothing {c.label_smoothing} must be in [0, 1)")
+    _check(c.grad_clip_norm is None or c.grad_clip_norm > 0, "grad_clip_norm must be > 0 or None")
+    _check(c.epochs >= 1, f"epochs {c.epochs} must be >= 1")
+    _check(c.batch_size >= 1, f"batch size {c.batch_size} must be >= 1")
+    _check(c.eval_batch_size >= 1, f"eval batch size {c.eval_batch_size} must be >= 1")
+    _check(c.log_every >= 1, f"log_every {c.log_every} must be >= 1")
+    _check(c.unroll >= 1, f"unroll {c.unroll} must be >= 1")
+    _check(c.warmup_epochs >= 0, f"warmup_epochs {c.warmup_epochs} must be >= 0")
+    _check(c.plateau_patience is None or c.plateau_patience >= 1, "plateau_patience must be >= 1 or None")
+    _check(0 < c.plateau_factor < 1, f"plateau_factor {c.plateau_factor} must be in (0, 1)")
+    _check(c.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
+    for item in c.augment:
+        name = item if isinstance(item, str) else item[0]
+        _check(name in AUGMENTATIONS, f"unknown augmentation {name!r}: use one of {sorted(AUGMENTATIONS)}")
+    if train_size is not None:
+        _check(c.batch_size <= train_size,
+               f"batch size {c.batch_size} is larger than the training split ({train_size}): lower --batch-size")

@@ -1,0 +1,311 @@
+"""``fit``: the one training loop every experiment uses.
+
+Data stays on the device as uint8; each epoch is a device-side permutation cut into chunks of compiled
+steps (the whole epoch as one ``lax.scan`` on GPU/TPU, unrolled chunks of ``config.unroll`` steps on
+CPU). With ``runs`` the same program is ``jax.vmap``-ed over a leading run axis: each run has its own
+seed (init, dropout, data order, augmentation) and hyper-parameters (dropout rate, learning rate,
+weight decay), all trained at once in one compiled program.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxcifar.data import Dataset, Split, channel_stats, make_augment, train_val_split
+from jaxcifar.data.batching import epoch_batches, eval_batches, steps_per_epoch
+from jaxcifar.errors import ConfigError, TrainingError
+from jaxcifar.models import create_model
+from jaxcifar.train import checkpoint as ckpt
+from jaxcifar.train.config import TrainConfig, validate_config
+from jaxcifar.train.optim import make_optimizer, make_plateau, unit_schedule
+from jaxcifar.train.state import DATA_STREAM, TrainState, learning_rate
+from jaxcifar.train.steps import StepFns, make_chunk_runner, make_evaluator
+from jaxcifar.versions import environment
+
+RUN_KEYS = ("seed", "dropout_rate", "learning_rate", "weight_decay")
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns: per-run histories and summaries, the final state and the step functions."""
+
+    config: TrainConfig
+    runs: list[dict[str, Any]]
+    histories: list[dict[str, Any]]
+    summaries: list[dict[str, Any]]
+    state: TrainState
+    fns: StepFns
+    vmapped: bool
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def history(self) -> dict[str, Any]:
+        return self.histories[0]
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return self.summaries[0]
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """The training, validation and test splits as device arrays, with normalization statistics."""
+
+    train: tuple[jax.Array, jax.Array]
+    val: tuple[jax.Array, jax.Array] | None
+    test: tuple[jax.Array, jax.Array]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_classes: int
+
+
+def prepare_data(dataset: Dataset, config: TrainConfig) -> PreparedData:
+    """Split off validation (seeded by ``config.seed``), compute the training split's channel mean/std,
+    and put every split on the device as uint8 images and int32 labels."""
+    train: Split = dataset.train
+    val: Split | None = None
+    if config.val_size:
+        train, val = train_val_split(dataset.train, config.val_size, config.seed, stratified=config.stratified_split)
+    mean, std = channel_stats(train.images)
+
+    def put(s: Split | None):
+        return None if s is None else (jax.device_put(s.images), jax.device_put(s.labels.astype(np.int32)))
+
+    return PreparedData(put(train), put(val), put(dataset.test), tuple(map(float, mean)), tuple(map(float, std)),
+                        dataset.num_classes)
+
+
+def resolve_loop(config: TrainConfig) -> tuple[str, int]:
+    """``(loop, chunk)``: CPU gets unrolled chunks, accelerators the rolled whole-epoch scan."""
+    loop = config.loop
+    if loop == "auto":
+        loop = "unrolled" if jax.default_backend() == "cpu" else "scan"
+    return loop, config.unroll
+
+
+def build(config: TrainConfig, data: PreparedData) -> tuple[StepFns, Any, Any]:
+    model = create_model(config.model, data.num_classes, dtype=jnp.dtype(config.dtype), **config.model_kwargs)
+    spe = steps_per_epoch(int(data.train[1].shape[0]), config.batch_size)
+    tx = make_optimizer(config, spe)
+    fns = StepFns(model, tx, make_augment(config.augment), jnp.asarray(data.mean), jnp.asarray(data.std),
+                  config.label_smoothing, data.num_classes, jnp.dtype(config.dtype))
+    return fns, tx, make_plateau(config)
+
+
+def init_state(config: TrainConfig, fns: StepFns, plateau_tx, run: dict[str, Any]) -> TrainState:
+    """A fresh single-run state; ``run`` overrides ``seed``, ``dropout_rate``, ``learning_rate``,
+    ``weight_decay``."""
+    seed = int(run.get("seed", config.seed))
+    init_key, rng = jax.random.split(jax.random.PRNGKey(seed))
+    variables = fns.model.init({"params": init_key, "dropout": init_key}, jnp.zeros((1, 32, 32, 3)), train=False)
+    params, batch_stats = variables["params"], variables.get("batch_stats", {})
+    opt_state = fns.tx.init(params)
+    hyper = dict(opt_state.hyperparams)
+    for k in ("learning_rate", "weight_decay"):
+        hyper[k] = jnp.asarray(run.get(k, getattr(config, k)), jnp.float32)
+    opt_state = opt_state._replace(hyperparams=hyper)
+    return TrainState(
+        params=params, batch_stats=batch_stats, opt_state=opt_state,
+        plateau=plateau_tx.init(params) if plateau_tx is not None else (),
+        step=jnp.zeros((), jnp.int32), rng=rng,
+        dropout_rate=jnp.asarray(run.get("dropout_rate", config.dropout_rate), jnp.float32),
+        best_params=jax.tree.map(jnp.copy, params), best_batch_stats=jax.tree.map(jnp.copy, batch_stats), best_val_accuracy=jnp.asarray(-1.0, jnp.float32),
+        best_epoch=jnp.zeros((), jnp.int32), epoch=jnp.zeros((), jnp.int32),
+    )
+
+
+def _check_runs(config: TrainConfig, runs: Sequence[dict[str, Any]]) -> None:
+    if not runs:
+        raise ConfigError("runs is empty: give at least one run, or runs=None for a single run")
+    for r in runs:
+        unknown = set(r) - set(RUN_KEYS)
+        if unknown:
+            raise ConfigError(f"run axis {sorted(unknown)} is not supported: vary only {list(RUN_KEYS)}")
+        validate_config(config.replace(**{k: v for k, v in r.items() if k != "seed"}))
+
+
+def _end_of_epoch(plateau_tx):
+    def end(state: TrainState, val_loss, val_acc) -> TrainState:
+        improved = val_acc > state.best_val_accuracy
+        pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(improved, a, b), new, old)  # noqa: E731
+        plateau = state.plateau
+        if plateau_tx is not None:
+            _, plateau = plateau_tx.update(jnp.zeros(()), plateau, value=val_loss)
+        epoch = state.epoch + 1
+        return state.replace(
+            best_params=pick(state.params, state.best_params),
+            best_batch_stats=pick(state.batch_stats, state.best_batch_stats),
+            best_val_accuracy=jnp.maximum(val_acc, state.best_val_accuracy),
+            best_epoch=jnp.where(improved, epoch, state.best_epoch), epoch=epoch, plateau=plateau)
+
+    return end
+
+
+def _new_history() -> dict[str, Any]:
+    keys = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds")
+    return {**{k: [] for k in keys}, "interval": {"step": [], "loss": [], "accuracy": []}}
+
+
+def fit(
+    config: TrainConfig,
+    dataset: Dataset | PreparedData,
+    *,
+    runs: Sequence[dict[str, Any]] | None = None,
+    checkpoint_dir: str | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    on_epoch_end: Callable[[int, list[dict[str, Any]]], None] | None = None,
+) -> FitResult:
+    """Train ``config`` on ``dataset``; with ``runs`` (a list of per-run overrides, see :data:`RUN_KEYS`)
+    train them all at once, vmapped. Checkpoints every epoch into ``checkpoint_dir`` and resumes from its
+    latest checkpoint when ``resume``. ``on_epoch_end(epoch, histories)`` is called after each saved epoch.
+    """
+    validate_config(config)
+    vmapped = runs is not None
+    runs = [dict(r) for r in runs] if vmapped else [{}]
+    _check_runs(config, runs)
+    data = dataset if isinstance(dataset, PreparedData) else prepare_data(dataset, config)
+    n_train = int(data.train[1].shape[0])
+    validate_config(config, train_size=n_train)
+    spe = steps_per_epoch(n_train, config.batch_size)
+    loop, chunk = resolve_loop(config)
+    chunk = spe if loop == "scan" else min(chunk, spe)
+    n_chunks = -(-spe // chunk)
+
+    fns, _, plateau_tx = build(config, data)
+    states = [init_state(config, fns, plateau_tx, r) for r in runs]
+    state = jax.tree.map(lambda *xs: jnp.stack(xs), *states) if vmapped else states[0]
+    vm = (lambda f, axes: jax.vmap(f, in_axes=axes)) if vmapped else (lambda f, axes: f)  # noqa: E731
+
+    runner = make_chunk_runner(fns, unroll=True if loop == "unrolled" else 1)
+    run_chunk = jax.jit(vm(runner, (0, None, None, 0, None)), donate_argnums=0)
+
+    def order(rng, epoch):
+        idx = epoch_batches(jax.random.fold_in(jax.random.fold_in(rng, DATA_STREAM), epoch), n_train,
+                            config.batch_size)
+        return jnp.pad(idx, ((0, n_chunks * chunk - spe), (0, 0))).reshape(n_chunks, chunk, -1)
+
+    epoch_order = jax.jit(vm(order, (0, None)))
+    valid = jnp.arange(n_chunks * chunk).reshape(n_chunks, chunk) < spe
+    evaluate = jax.jit(vm(make_evaluator(fns), (0, None, None, None, None)))
+    evaluate_best = jax.jit(vm(make_evaluator(fns, use_best=True), (0, None, None, None, None)))
+    end_epoch = jax.jit(vm(_end_of_epoch(plateau_tx), (0, 0, 0)))
+    current_lr = jax.jit(vm(lambda s: learning_rate(s) * unit_schedule(config, spe)(s.step), (0,)))
+
+    def eval_split(fn, split):
+        idx, w = eval_batches(int(split[1].shape[0]), config.eval_batch_size)
+        return jax.device_get(fn(state, split[0], split[1], idx, w))
+
+    histories = [_new_history() for _ in runs]
+    meta = {"config": config.to_dict(), "runs": runs, "loop": loop, "chunk": chunk, "vmapped": vmapped,
+            "normalization": {"mean": data.mean, "std": data.std}, "environment": environment()}
+    manager = ckpt.checkpoint_manager(checkpoint_dir, config.keep_checkpoints) if checkpoint_dir else None
+    if manager is not None and resume and manager.latest_step() is not None:
+        state, saved = ckpt.restore(checkpoint_dir, state, "latest")
+        _check_resumable(saved, meta, checkpoint_dir)
+        histories = saved["histories"]
+    start_epoch = int(np.max(jax.device_get(state.epoch)))
+
+    compile_seconds = None
+    for epoch in range(start_epoch + 1, config.epochs + 1):
+        t0 = time.perf_counter()
+        order_idx = epoch_order(state.rng, epoch)
+        chunk_metrics = []
+        bar = tqdm(total=spe, desc=f"epoch {epoch}/{config.epochs}", unit="step", disable=not progress, leave=False)
+        next_log = config.log_every
+        for c in range(n_chunks):
+            state, m = run_chunk(state, data.train[0], data.train[1], order_idx[:, c] if vmapped else order_idx[c],
+                                 valid[c])
+            chunk_metrics.append(m)
+            if compile_seconds is None:
+                jax.block_until_ready(m)
+                compile_seconds = time.perf_counter() - t0
+            done = min((c + 1) * chunk, spe)
+            bar.update(done - bar.n)
+            if done >= next_log or done == spe:  # metrics come back once per logging interval
+                last = jax.device_get(m)
+                bar.set_postfix(loss=f"{np.mean(last['loss']):.3f}", acc=f"{np.mean(last['accuracy']):.3f}")
+                next_log += config.log_every
+        bar.close()
+        train_m = jax.device_get(jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=-1), *chunk_metrics))
+        train_m = {k: np.asarray(v).reshape(len(runs), -1)[:, :spe] for k, v in train_m.items()}
+        if data.val is not None:
+            val_m = eval_split(evaluate, data.val)
+        else:  # no validation split: select on training metrics
+            val_m = {"loss": train_m["loss"].mean(-1), "accuracy": train_m["accuracy"].mean(-1)}
+        val_loss = np.asarray(val_m["loss"], np.float32).reshape(len(runs))
+        val_acc = np.asarray(val_m["accuracy"], np.float32).reshape(len(runs))
+        if not (np.isfinite(train_m["loss"]).all() and np.isfinite(val_loss).all()):
+            where = f"; last good checkpoint kept in {checkpoint_dir}" if manager else ""
+            raise TrainingError(f"loss became NaN/inf in epoch {epoch}: lower the learning rate or set "
+                                f"grad_clip_norm{where}")
+        state = end_epoch(state, jnp.asarray(val_loss if vmapped else val_loss[0]),
+                          jnp.asarray(val_acc if vmapped else val_acc[0]))
+        lrs = np.asarray(jax.device_get(current_lr(state))).reshape(len(runs))
+        seconds = time.perf_counter() - t0
+        for r, h in enumerate(histories):
+            _append_epoch(h, epoch, spe, config.log_every, train_m, r, val_loss[r], val_acc[r], lrs[r], seconds)
+        if progress:
+            tqdm.write(f"epoch {epoch}/{config.epochs}: train loss {train_m['loss'].mean():.4f} "
+                       f"acc {train_m['accuracy'].mean():.4f} | val loss {val_loss.mean():.4f} "
+                       f"acc {val_acc.mean():.4f} | {seconds:.1f}s")
+        if manager is not None:
+            ckpt.save(manager, epoch, state, {**meta, "histories": histories}, float(val_acc.mean()))
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, histories)
+        best_epochs = np.asarray(jax.device_get(state.best_epoch)).reshape(len(runs))
+        if config.early_stopping_patience and np.all(epoch - best_epochs >= config.early_stopping_patience):
+            break
+
+    test_best = eval_split(evaluate_best, data.test)
+    test_final = eval_split(evaluate, data.test)
+    summaries = []
+    best_acc = np.asarray(jax.device_get(state.best_val_accuracy)).reshape(len(runs))
+    best_ep = np.asarray(jax.device_get(state.best_epoch)).reshape(len(runs))
+    for r in range(len(runs)):
+        pick = lambda m, k: float(np.asarray(m[k]).reshape(len(runs))[r])  # noqa: E731, B023
+        summaries.append({
+            "best_val_accuracy": float(best_acc[r]), "best_epoch": int(best_ep[r]),
+            "test_accuracy": pick(test_best, "accuracy"), "test_loss": pick(test_best, "loss"),
+            "final_test_accuracy": pick(test_final, "accuracy"), "epochs_run": len(histories[r]["epoch"]),
+        })
+    meta["compile_seconds"] = compile_seconds
+    return FitResult(config, runs, histories, summaries, state, fns, vmapped, meta)
+
+
+def _append_epoch(h, epoch, spe, log_every, train_m, r, val_loss, val_acc, lr, seconds) -> None:
+    loss, acc = train_m["loss"][r], train_m["accuracy"][r]
+    h["epoch"].append(epoch)
+    h["train_loss"].append(float(loss.mean()))
+    h["train_accuracy"].append(float(acc.mean()))
+    h["val_loss"].append(float(val_loss))
+    h["val_accuracy"].append(float(val_acc))
+    h["lr"].append(float(lr))
+    h["epoch_seconds"].append(seconds)
+    for end in range(log_every, spe + 1, log_every):
+        h["interval"]["step"].append((epoch - 1) * spe + end)
+        h["interval"]["loss"].append(float(loss[end - log_every:end].mean()))
+        h["interval"]["accuracy"].append(float(acc[end - log_every:end].mean()))
+
+
+def _check_resumable(saved: dict[str, Any], meta: dict[str, Any], directory: str) -> None:
+    ignore = {"epochs", "early_stopping_patience", "keep_checkpoints", "log_every"}
+    old = {k: v for k, v in saved["config"].items() if k not in ignore}
+    new = {k: v for k, v in meta["config"].items() if k not in ignore}
+    if _jsonable(old) != _jsonable(new) or _jsonable(saved["runs"]) != _jsonable(meta["runs"]):
+        raise ConfigError(f"the checkpoint in {directory} was written by a different config: use a new output "
+                          f"directory, or resume=False to start over")
+
+
+def _jsonable(x):
+    import json
+
+    return json.loads(json.dumps(x))

@@ -1,0 +1,61 @@
+"""Training state: a plain pytree (a ``flax.struct`` dataclass) so ``jit``, ``vmap`` and sharding apply."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+DATA_STREAM = 0x5EED  # fold-in tag that separates the data-order stream from the per-step stream
+
+
+@struct.dataclass
+class TrainState:
+    """All that changes during training (optionally with a leading run axis when runs are vmapped).
+
+    ``rng`` is the run's base key (raw uint32 [2]); per-step keys are ``fold_in(rng, step)`` and the
+    epoch order ``fold_in(fold_in(rng, DATA_STREAM), epoch)``, so results depend only on (seed, step).
+    ``best_params``/``best_batch_stats`` hold the weights of the best validation epoch so far.
+    """
+
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    plateau: Any  # optax reduce_on_plateau state, or () when off
+    step: jax.Array  # int32 []
+    rng: jax.Array  # uint32 [2]
+    dropout_rate: jax.Array  # float32 []; a traced hyper-parameter
+    best_params: Any
+    best_batch_stats: Any
+    best_val_accuracy: jax.Array  # float32 []
+    best_epoch: jax.Array  # int32 []; 0 = none yet
+    epoch: jax.Array  # int32 []; completed epochs
+
+    @property
+    def variables(self) -> dict[str, Any]:
+        """The current ``{'params', 'batch_stats'}`` for ``model.apply``."""
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+    @property
+    def best_variables(self) -> dict[str, Any]:
+        return {"params": self.best_params, "batch_stats": self.best_batch_stats}
+
+
+def learning_rate(state: TrainState) -> jax.Array:
+    """The peak learning rate as injected into the optimizer state (times the plateau scale)."""
+    lr = state.opt_state.hyperparams["learning_rate"]
+    if state.plateau != ():
+        lr = lr * state.plateau.scale
+    return lr
+
+
+def stack_states(states: list[TrainState]) -> TrainState:
+    """Stack single-run states along a new leading run axis."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+
+def unstack_state(state: TrainState, run: int) -> TrainState:
+    """Run ``run`` of a stacked state."""
+    return jax.tree.map(lambda x: x[run], state)

@@ -1,0 +1,56 @@
+"""Shared fixtures: small generated datasets, written as ImageFolder trees or zips when needed."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxcifar.data.synthetic import synthetic_cifar
+
+CLASSES = ("cat", "dog", "frog")
+
+
+def png_bytes(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_image_folder(root: Path, per_class: dict[str, int], classes=CLASSES, seed: int = 0) -> dict:
+    """Write ``root/{train,test}/<class>/NNNN.png`` with random images; returns the arrays written."""
+    rng = np.random.default_rng(seed)
+    written = {}
+    for split, n in per_class.items():
+        for c in classes:
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                (d / f"{i:04d}.png").write_bytes(png_bytes(img))
+                written[(split, c, i)] = img
+    return written
+
+
+def zip_tree(src: Path, dest: Path, prefix: str = "cifar10/") -> Path:
+    with zipfile.ZipFile(dest, "w") as z:
+        for f in sorted(src.rglob("*")):
+            if f.is_file():
+                z.write(f, prefix + f.relative_to(src).as_posix())
+    return dest
+
+
+@pytest.fixture
+def folder(tmp_path) -> tuple[Path, dict]:
+    root = tmp_path / "data"
+    return root, write_image_folder(root, {"train": 6, "test": 2})
+
+
+@pytest.fixture(scope="session")
+def tiny() -> object:
+    """512 train / 128 test generated images of 10 learnable classes."""
+    return synthetic_cifar(512, 128, 10, seed=0, noise=60.0)
