@@ -49,6 +49,7 @@ class TrainConfig:
     eval_batch_size: int = 1000
     val_size: int | float = 1000
     stratified_split: bool = False
+    split_seed: int | None = None  # seed of the train/validation split; None = `seed`
     augment: tuple = ()  # see jaxcifar.data.make_augment
     # loop
     epochs: int = 20

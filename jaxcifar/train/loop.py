@@ -68,12 +68,14 @@ class PreparedData:
 
 
 def prepare_data(dataset: Dataset, config: TrainConfig) -> PreparedData:
-    """Split off validation (seeded by ``config.seed``), compute the training split's channel mean/std,
+    """Split off validation (seeded by ``config.split_seed``, else ``config.seed``; shared by all vmapped
+    runs), compute the training split's channel mean/std,
     and put every split on the device as uint8 images and int32 labels."""
     train: Split = dataset.train
     val: Split | None = None
+    split_seed = config.seed if config.split_seed is None else config.split_seed
     if config.val_size:
-        train, val = train_val_split(dataset.train, config.val_size, config.seed, stratified=config.stratified_split)
+        train, val = train_val_split(dataset.train, config.val_size, split_seed, stratified=config.stratified_split)
     mean, std = channel_stats(train.images)
 
     def put(s: Split | None):

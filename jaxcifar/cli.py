@@ -1,0 +1,76 @@
+"""Shared command-line plumbing for ``experiments/``: common flags, data loading, error handling."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from jaxcifar.data import Dataset, load_cifar
+from jaxcifar.errors import JaxCifarError
+
+
+def common_parser(description: str, *, epochs: int, batch_size: int, out: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100"])
+    p.add_argument("--data", metavar="PATH", help="offline copy: ImageFolder directory or zip (default: tfds)")
+    p.add_argument("--cache-dir", metavar="DIR", help="decoded-array cache (default ~/.cache/jaxcifar)")
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-size", type=float, default=None,
+                   help="validation examples held out of training (count, or fraction < 1); default 1000, "
+                        "500 with --quick")
+    p.add_argument("--out", default=out, help="output directory for results and checkpoints")
+    p.add_argument("--quick", action="store_true",
+                   help="a few-minute CPU version: 5000 training / 1000 test images, 3 epochs")
+    p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out and start over")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+QUICK_TRAIN, QUICK_TEST, QUICK_EPOCHS = 5000, 1000, 3
+
+
+def load_data(args: argparse.Namespace) -> Dataset:
+    """Load ``args.dataset`` from ``args.data`` (or tfds); with ``--quick`` a seeded random subset."""
+    ds = load_cifar(args.dataset, args.data, cache_dir=args.cache_dir, progress=not args.no_progress)
+    if args.quick:
+        rng = np.random.default_rng(args.seed)
+        ds = Dataset(ds.name, ds.train.take(np.sort(rng.permutation(len(ds.train))[:QUICK_TRAIN])),
+                     ds.test.take(np.sort(rng.permutation(len(ds.test))[:QUICK_TEST])), ds.class_names,
+                     ds.coarse_class_names, f"{ds.source} (quick subset)")
+    return ds
+
+
+def apply_quick(args: argparse.Namespace, explicit_epochs: bool) -> None:
+    if args.quick and not explicit_epochs:
+        args.epochs = QUICK_EPOCHS
+
+
+def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
+    """Run ``main``; a jaxcifar error prints one line naming the problem and the fix and exits 2."""
+    try:
+        main(argv)
+    except JaxCifarError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("interrupted: checkpoints written so far are kept; run the same command again to resume",
+              file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def out_dir(args: argparse.Namespace) -> Path:
+    path = Path(args.out)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def val_size(args: argparse.Namespace) -> int | float:
+    if args.val_size is None:
+        return 500 if args.quick else 1000
+    return args.val_size if args.val_size < 1 else int(args.val_size)

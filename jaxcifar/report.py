@@ -1,0 +1,90 @@
+"""Results on disk: JSON (every figure, config and versions), Markdown tables and PNG plots, written
+atomically (temporary file + rename) so a kill never leaves half a file."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxcifar.data.cache import atomic_write_bytes
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    data = json.dumps(payload, indent=2, default=_default).encode()
+    atomic_write_bytes(Path(path), lambda f: f.write(data))
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(Path(path), lambda f: f.write(text.encode()))
+
+
+def _default(x):
+    if isinstance(x, np.generic | np.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def fmt(v):
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    atomic_write_bytes(Path(path), lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+
+
+def plot_curves(histories: Sequence[dict], labels: Sequence[str], path: Path, title: str = "") -> None:
+    """One row per run: train vs validation loss (left) and accuracy (right) per epoch, with the
+    per-interval training loss as a thin line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(histories), 2, figsize=(10, 3.2 * len(histories)), squeeze=False)
+    for (ax_l, ax_a), h, label in zip(axes, histories, labels, strict=True):
+        steps_per_epoch = (h["interval"]["step"][-1] / h["epoch"][-1]) if h["interval"]["step"] else 1
+        if h["interval"]["step"]:
+            ax_l.plot(np.asarray(h["interval"]["step"]) / steps_per_epoch, h["interval"]["loss"],
+                      lw=0.7, alpha=0.5, label="train (every log interval)")
+        ax_l.plot(h["epoch"], h["train_loss"], "o-", label="train")
+        ax_l.plot(h["epoch"], h["val_loss"], "s-", label="validation")
+        ax_a.plot(h["epoch"], h["train_accuracy"], "o-", label="train")
+        ax_a.plot(h["epoch"], h["val_accuracy"], "s-", label="validation")
+        ax_l.set(title=f"{label}: loss", xlabel="epoch", ylabel="cross-entropy")
+        ax_a.set(title=f"{label}: accuracy", xlabel="epoch", ylabel="accuracy")
+        for ax in (ax_l, ax_a):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    _save_figure(fig, path)
+
+
+def plot_overlay(histories: Sequence[dict], labels: Sequence[str], path: Path, key: str = "val_accuracy",
+                 title: str = "") -> None:
+    """``key`` per epoch for every run on one axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for h, label in zip(histories, labels, strict=True):
+        ax.plot(h["epoch"], h[key], "o-", label=label)
+    ax.set(xlabel="epoch", ylabel=key.replace("_", " "), title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save_figure(fig, path)

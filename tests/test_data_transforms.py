@@ -1,0 +1,140 @@
+"""Statistics, splits, augmentation and batching: pure functions under jit/vmap."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcifar.data import (
+    AUGMENTATIONS,
+    channel_stats,
+    check_normalized,
+    class_counts,
+    epoch_batches,
+    eval_batches,
+    make_augment,
+    normalize,
+    random_crop,
+    random_flip,
+    split_indices,
+    train_val_split,
+)
+from jaxcifar.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+
+
+def test_channel_stats_and_normalization(images):
+    mean, std = channel_stats(images, chunk=10)  # several chunks
+    x = images.astype(np.float64) / 255
+    np.testing.assert_allclose(mean, x.mean((0, 1, 2)), atol=1e-5)
+    np.testing.assert_allclose(std, x.std((0, 1, 2)), atol=1e-5)
+    z = normalize(jnp.asarray(images), mean, std)
+    chex.assert_shape(z, images.shape)
+    chex.assert_type(z, jnp.float32)
+    np.testing.assert_allclose(z.mean((0, 1, 2)), 0, atol=1e-4)
+    np.testing.assert_allclose(z.std((0, 1, 2)), 1, atol=1e-4)
+    assert check_normalized(images, mean, std)["ok"]
+    assert not check_normalized(images, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))["ok"]
+
+
+@pytest.mark.parametrize("val", [100, 0.2])
+@pytest.mark.parametrize("stratified", [False, True])
+def test_split_is_disjoint_covering_and_seeded(val, stratified):
+    labels = np.repeat(np.arange(5), 100)
+    tr, va = split_indices(jax.random.key(0), labels, val, stratified=stratified)
+    assert len(va) == 100 and len(tr) == 400
+    assert set(np.asarray(tr)).isdisjoint(set(np.asarray(va)))
+    assert sorted(np.concatenate([tr, va]).tolist()) == list(range(500))
+    if stratified:
+        np.testing.assert_array_equal(class_counts(labels[np.asarray(va)], 5), [20] * 5)
+    tr2, va2 = split_indices(jax.random.key(0), labels, val, stratified=stratified)
+    np.testing.assert_array_equal(va, va2)
+    _, va3 = split_indices(jax.random.key(1), labels, val, stratified=stratified)
+    assert not np.array_equal(np.sort(va), np.sort(va3))
+
+
+def test_split_vmaps_over_keys_and_rejects_bad_sizes(tiny):
+    keys = jax.random.split(jax.random.key(0), 3)
+    _, va = jax.vmap(lambda k: split_indices(k, tiny.train.labels, 50, stratified=True))(keys)
+    chex.assert_shape(va, (3, 50))
+    assert len({tuple(np.sort(v)) for v in np.asarray(va)}) == 3
+    train, val = train_val_split(tiny.train, 0.25, seed=0)
+    assert (len(train), len(val)) == (384, 128)
+    with pytest.raises(ConfigError, match="validation size"):
+        split_indices(jax.random.key(0), tiny.train.labels, 512)
+    with pytest.raises(ConfigError, match="fraction"):
+        split_indices(jax.random.key(0), tiny.train.labels, 1.5)
+
+
+ALL_OPS = [("flip", {}), ("crop", {"padding": 4}), ("crop", {"padding": 4, "mode": "reflect"}),
+           ("translate", {"max_shift": 2}), ("rotate", {"max_degrees": 20}), ("color", {}), ("cutout", {"size": 8})]
+
+
+@pytest.mark.parametrize("op", ALL_OPS, ids=lambda o: f"{o[0]}{o[1]}")
+@pytest.mark.parametrize("dtype", [jnp.uint8, jnp.float32])
+def test_augmentations_keep_shape_dtype_and_are_keyed(images, op, dtype):
+    x = jnp.asarray(images) if dtype == jnp.uint8 else jnp.asarray(images, jnp.float32) / 255
+    fn = jax.jit(make_augment([op]))
+    a = fn(jax.random.key(1), x)
+    chex.assert_shape(a, x.shape)
+    chex.assert_type(a, dtype)
+    np.testing.assert_array_equal(a, fn(jax.random.key(1), x))  # deterministic per key
+    batched = jax.vmap(fn, in_axes=(0, None))(jax.random.split(jax.random.key(2), 2), x)
+    assert not np.array_equal(batched[0], batched[1])  # different keys, different results
+    assert not np.array_equal(a, x)
+
+
+def test_flip_twice_is_identity_and_mirrors(images):
+    x = jnp.asarray(images)
+    always = random_flip(jax.random.key(0), x, p=1.0)
+    np.testing.assert_array_equal(always, x[:, :, ::-1])
+    np.testing.assert_array_equal(random_flip(jax.random.key(0), always, p=1.0), x)
+
+
+def test_zero_padded_crop_moves_content():
+    x = jnp.zeros((256, 32, 32, 1), jnp.uint8).at[:, 10, 20, 0].set(255)
+    key = jax.random.key(3)
+    y = random_crop(key, x, padding=4, mode="constant")
+    offsets = jax.random.randint(key, (256, 2), 0, 9)  # the same draw random_crop makes
+    for i in range(256):
+        dy, dx = np.asarray(offsets[i]) - 4
+        expected = np.zeros((32, 32), np.uint8)
+        expected[10 - dy, 20 - dx] = 255
+        np.testing.assert_array_equal(y[i, :, :, 0], expected)
+    corner = jnp.full((1, 32, 32, 1), 9, jnp.uint8)
+    shifted = random_crop(jax.random.key(5), jnp.repeat(corner, 64, 0), padding=4)
+    assert (np.asarray(shifted) == 0).any()  # zero fill enters from the border
+
+
+def test_pipeline_composes_every_op_and_rejects_unknown(images):
+    fn = jax.jit(make_augment([name for name in AUGMENTATIONS]))
+    chex.assert_shape(fn(jax.random.key(0), jnp.asarray(images)), images.shape)
+    np.testing.assert_array_equal(make_augment([])(jax.random.key(0), images), images)
+    with pytest.raises(ConfigError, match="unknown augmentation 'blur'"):
+        make_augment(["blur"])
+
+
+def test_epoch_batches_shuffle_and_drop_remainder():
+    idx = jax.jit(epoch_batches, static_argnums=(1, 2))(jax.random.key(0), 100, 32)
+    chex.assert_shape(idx, (3, 32))
+    flat = np.asarray(idx).ravel()
+    assert len(set(flat)) == 96 and flat.max() < 100
+    other = epoch_batches(jax.random.key(1), 100, 32)
+    assert not np.array_equal(idx, other)
+    with pytest.raises(ConfigError, match="batch size 101"):
+        epoch_batches(jax.random.key(0), 100, 101)
+
+
+@pytest.mark.parametrize("n,b", [(10, 3), (10, 10), (10, 64), (1000, 128)])
+def test_eval_batches_visit_each_example_once(n, b):
+    idx, w = eval_batches(n, b)
+    visited = idx[w > 0]
+    np.testing.assert_array_equal(np.sort(visited), np.arange(n))
+    assert w.sum() == n

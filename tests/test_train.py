@@ -1,0 +1,152 @@
+"""The training core: learning, determinism, exact resume, checkpoints, plateau, errors, sweeps."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcifar.errors import CheckpointError, ConfigError, TrainingError
+from jaxcifar.train import (
+    TrainConfig,
+    build,
+    fit,
+    init_state,
+    load_body,
+    prepare_data,
+    restore,
+    unstack_state,
+)
+
+FAST = TrainConfig(epochs=2, batch_size=32, val_size=64, learning_rate=0.01, log_every=4, unroll=2,
+                   eval_batch_size=64)
+
+
+def strip_times(histories):
+    return [{k: v for k, v in h.items() if k != "epoch_seconds"} for h in histories]
+
+
+def test_loss_falls_within_a_few_steps(tiny):
+    cfg = FAST.replace(epochs=1)
+    data = prepare_data(tiny, cfg)
+    fns, _, _ = build(cfg, data)
+    state = init_state(cfg, fns, None, {})
+    step = jax.jit(fns.train_step)
+    images, labels = data.train[0][:32], data.train[1][:32]
+    losses = []
+    for i in range(8):
+        state, m = step(state, (images, labels), jax.random.key(i))
+        losses.append(float(m["loss"]))
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_overfits_a_small_batch(tiny):
+    small = tiny.__class__(tiny.name, tiny.train.take(np.arange(64)), tiny.test, tiny.class_names, source="small")
+    cfg = FAST.replace(epochs=15, val_size=0, optimizer="adam", learning_rate=3e-3, batch_size=32)
+    result = fit(cfg, small, progress=False)
+    assert result.history["train_accuracy"][-1] >= 0.98, result.history["train_accuracy"]
+
+
+def test_same_seed_same_numbers_other_seed_differs(tiny):
+    cfg = FAST.replace(augment=("flip", "crop"), dropout_rate=0.3)
+    a = fit(cfg, tiny, progress=False)
+    b = fit(cfg, tiny, progress=False)
+    c = fit(cfg.replace(seed=1), tiny, progress=False)
+    assert strip_times(a.histories) == strip_times(b.histories)
+    assert a.summaries == b.summaries
+    assert a.history["train_loss"] != c.history["train_loss"]
+    assert len(a.history["interval"]["loss"]) == 2 * (448 // 32 // 4)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(tiny, tmp_path):
+    cfg = FAST.replace(epochs=3, augment=("flip",), dropout_rate=0.2, plateau_patience=1)
+    full = fit(cfg, tiny, progress=False)
+
+    def stop_after_two(epoch, _):
+        if epoch == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        fit(cfg, tiny, checkpoint_dir=str(tmp_path / "ck"), progress=False, on_epoch_end=stop_after_two)
+    resumed = fit(cfg, tiny, checkpoint_dir=str(tmp_path / "ck"), progress=False)
+    assert strip_times(resumed.histories) == strip_times(full.histories)
+    assert resumed.summaries == full.summaries
+    chex.assert_trees_all_equal(resumed.state.params, full.state.params)
+    with pytest.raises(ConfigError, match="different config"):
+        fit(cfg.replace(learning_rate=0.5), tiny, checkpoint_dir=str(tmp_path / "ck"), progress=False)
+
+
+def test_restored_checkpoint_gives_identical_predictions_and_fine_tunes(tiny, tmp_path):
+    cfg = FAST.replace(model_kwargs={"batch_norm": True})
+    result = fit(cfg, tiny, checkpoint_dir=str(tmp_path / "ck"), progress=False)
+    data = prepare_data(tiny, cfg)
+    fns, _, _ = build(cfg, data)
+    target = init_state(cfg, fns, None, {})
+    restored, meta = restore(tmp_path / "ck", target, "latest")
+    images = data.test[0][:16]
+    np.testing.assert_array_equal(fns.probabilities(restored.variables, images),
+                                  result.fns.probabilities(result.state.variables, images))
+    best, _ = restore(tmp_path / "ck", target, "best")
+    assert int(best.epoch) == result.summary["best_epoch"] or int(best.epoch) == 2
+    assert meta["histories"][0]["val_accuracy"] == result.history["val_accuracy"]
+    # Fine-tune: the CIFAR-10 body under a fresh 100-class head.
+    fns100, _, _ = build(cfg, data.__class__(**{**data.__dict__, "num_classes": 100}))
+    fresh = init_state(cfg, fns100, None, {}).params
+    tuned = load_body(fresh, restored.params)
+    chex.assert_trees_all_equal(tuned["conv0_0"], restored.params["conv0_0"])
+    chex.assert_shape(tuned["head"]["kernel"], (512, 100))
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        restore(tmp_path / "missing", target)
+
+
+def test_plateau_lowers_the_learning_rate(tiny):
+    cfg = FAST.replace(epochs=4, learning_rate=1e-7, plateau_patience=1, plateau_factor=0.5)
+    lrs = fit(cfg, tiny, progress=False).history["lr"]
+    assert lrs[-1] < lrs[0] * 0.9, lrs
+
+
+def test_schedules_change_the_learning_rate(tiny):
+    lrs = fit(FAST.replace(epochs=3, schedule="cosine"), tiny, progress=False).history["lr"]
+    assert lrs[0] > lrs[1] > lrs[2]
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"dropout_rate": 1.0}, "dropout rate"), ({"learning_rate": 0.0}, "learning rate"),
+    ({"optimizer": "lamb"}, "unknown optimizer"), ({"model": "vgg"}, "unknown model"),
+    ({"model_kwargs": {"activation": "swish2"}}, "unknown activation"), ({"batch_size": 10_000}, "larger than"),
+])
+def test_invalid_configs_fail_before_compiling(tiny, change, match):
+    with pytest.raises(ConfigError, match=match):
+        fit(FAST.replace(**change), tiny, progress=False)
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tiny, tmp_path):
+    ck = tmp_path / "ck"
+    fit(FAST.replace(epochs=1), tiny, checkpoint_dir=str(ck), progress=False)
+    before = sorted(p.name for p in ck.iterdir())
+    with pytest.raises(TrainingError, match="NaN/inf"):
+        fit(FAST.replace(epochs=2, learning_rate=1e30), tiny, checkpoint_dir=str(tmp_path / "ck2"), progress=False)
+    assert sorted(p.name for p in ck.iterdir()) == before
+
+
+def test_vmapped_runs_match_single_runs(tiny):
+    cfg = FAST.replace(epochs=1, augment=("flip",))
+    runs = [{"seed": 0, "dropout_rate": 0.0}, {"seed": 1, "dropout_rate": 0.5}]
+    swept = fit(cfg, tiny, runs=runs, progress=False)
+    for k, run in enumerate(runs):
+        single = fit(cfg.replace(**run, split_seed=0), tiny, progress=False)  # the sweep shares one split
+        # vmap turns the convolutions into grouped ones with another summation order, so float32 results
+        # agree to rounding, not bitwise; 14 SGD steps amplify ~1e-7 relative differences to ~1e-4.
+        np.testing.assert_allclose(swept.histories[k]["train_loss"], single.history["train_loss"], rtol=1e-4)
+        # Biases start at 0, so their norm is the update itself: compare each leaf within 2 % by norm.
+        for a, b in zip(jax.tree.leaves(unstack_state(swept.state, k).params), jax.tree.leaves(single.state.params),
+                        strict=True):
+            assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 2e-2
+        assert swept.histories[k]["val_accuracy"] == pytest.approx(single.history["val_accuracy"], abs=1 / 64)
+    assert swept.histories[0]["train_loss"] != swept.histories[1]["train_loss"]
