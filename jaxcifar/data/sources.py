@@ -141,7 +141,7 @@ class _Files:
             try:
                 self.zip = zipfile.ZipFile(source)
             except zipfile.BadZipFile as e:
-                raise DataError(f"{source} is not a readable zip ({e}): pass an ImageFolder directory or zip")
+                raise DataError(f"{source} is not a readable zip ({e}): pass an ImageFolder directory or zip") from e
             names = [i.filename for i in self.zip.infolist()]  # folders end with "/"
         else:
             names = []

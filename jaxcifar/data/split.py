@@ -58,7 +58,8 @@ def split_indices(
     train_idx = order[jnp.nonzero(~is_val, size=n - count)[0]]
     # Shuffle within each side so classes are not grouped.
     k1, k2 = jax.random.split(jax.random.fold_in(key, 1))
-    return jax.random.permutation(k1, train_idx).astype(jnp.int32), jax.random.permutation(k2, val_idx).astype(jnp.int32)
+    train_idx = jax.random.permutation(k1, train_idx).astype(jnp.int32)
+    return train_idx, jax.random.permutation(k2, val_idx).astype(jnp.int32)
 
 
 def train_val_split(split, val: int | float, seed: int = 0, *, stratified: bool = False):

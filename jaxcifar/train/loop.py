@@ -119,7 +119,8 @@ def init_state(config: TrainConfig, fns: StepFns, plateau_tx, run: dict[str, Any
         plateau=plateau_tx.init(params) if plateau_tx is not None else (),
         step=jnp.zeros((), jnp.int32), rng=rng,
         dropout_rate=jnp.asarray(run.get("dropout_rate", config.dropout_rate), jnp.float32),
-        best_params=jax.tree.map(jnp.copy, params), best_batch_stats=jax.tree.map(jnp.copy, batch_stats), best_val_accuracy=jnp.asarray(-1.0, jnp.float32),
+        best_params=jax.tree.map(jnp.copy, params), best_batch_stats=jax.tree.map(jnp.copy, batch_stats),
+        best_val_accuracy=jnp.asarray(-1.0, jnp.float32),
         best_epoch=jnp.zeros((), jnp.int32), epoch=jnp.zeros((), jnp.int32),
     )
 
