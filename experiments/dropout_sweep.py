@@ -10,7 +10,6 @@ val_accuracy.png (overlay), and Orbax checkpoints (resumable: rerun the same com
 from __future__ import annotations
 
 import itertools
-import sys
 
 import numpy as np
 
@@ -24,15 +23,14 @@ def baseline_config(args) -> TrainConfig:
     classifier (after the 512-unit dense layer)."""
     return TrainConfig(model="convnet", model_kwargs={"dropout_at": ("head",)}, optimizer="sgd",
                        learning_rate=1e-3, momentum=0.9, batch_size=args.batch_size, epochs=args.epochs,
-                       val_size=cli.val_size(args), seed=args.seed, log_every=200)
+                       val_size=args.val_size, seed=args.seed, log_every=200)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = cli.common_parser(__doc__.splitlines()[0], epochs=20, batch_size=32, out="runs/dropout_sweep")
     p.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.2, 0.5, 0.8])
     p.add_argument("--seeds", type=int, default=1, help="seeds per rate (seed, seed+1, ...)")
-    args = p.parse_args(argv)
-    cli.apply_quick(args, explicit_epochs="--epochs" in (argv if argv is not None else sys.argv))
+    args = cli.parse(p, argv)
     out = cli.out_dir(args)
     data = cli.load_data(args)
     config = baseline_config(args)

@@ -12,13 +12,16 @@ import numpy as np
 from jaxcifar.data import Dataset, load_cifar
 from jaxcifar.errors import JaxCifarError
 
+QUICK_TRAIN, QUICK_TEST, QUICK_EPOCHS = 5000, 1000, 3
+
 
 def common_parser(description: str, *, epochs: int, batch_size: int, out: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100"])
     p.add_argument("--data", metavar="PATH", help="offline copy: ImageFolder directory or zip (default: tfds)")
     p.add_argument("--cache-dir", metavar="DIR", help="decoded-array cache (default ~/.cache/jaxcifar)")
-    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--epochs", type=int, default=None, help=f"default {epochs}, {QUICK_EPOCHS} with --quick")
+    p.set_defaults(full_epochs=epochs)
     p.add_argument("--batch-size", type=int, default=batch_size)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-size", type=float, default=None,
@@ -32,8 +35,6 @@ def common_parser(description: str, *, epochs: int, batch_size: int, out: str) -
     return p
 
 
-QUICK_TRAIN, QUICK_TEST, QUICK_EPOCHS = 5000, 1000, 3
-
 
 def load_data(args: argparse.Namespace) -> Dataset:
     """Load ``args.dataset`` from ``args.data`` (or tfds); with ``--quick`` a seeded random subset."""
@@ -46,9 +47,16 @@ def load_data(args: argparse.Namespace) -> Dataset:
     return ds
 
 
-def apply_quick(args: argparse.Namespace, explicit_epochs: bool) -> None:
-    if args.quick and not explicit_epochs:
-        args.epochs = QUICK_EPOCHS
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv`` and fill the defaults that depend on ``--quick`` (epochs, validation size)."""
+    args = parser.parse_args(argv)
+    if args.epochs is None:
+        args.epochs = QUICK_EPOCHS if args.quick else args.full_epochs
+    if args.val_size is None:
+        args.val_size = 500 if args.quick else 1000
+    elif args.val_size >= 1:
+        args.val_size = int(args.val_size)
+    return args
 
 
 def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
@@ -68,9 +76,3 @@ def out_dir(args: argparse.Namespace) -> Path:
     path = Path(args.out)
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def val_size(args: argparse.Namespace) -> int | float:
-    if args.val_size is None:
-        return 500 if args.quick else 1000
-    return args.val_size if args.val_size < 1 else int(args.val_size)

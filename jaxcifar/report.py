@@ -37,22 +37,26 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def _save_figure(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    atomic_write_bytes(Path(path), lambda f: fig.savefig(f, format="png", dpi=110))
-    plt.close(fig)
-
-
-def plot_curves(histories: Sequence[dict], labels: Sequence[str], path: Path, title: str = "") -> None:
-    """One row per run: train vs validation loss (left) and accuracy (right) per epoch, with the
-    per-interval training loss as a thin line."""
+def _pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save_figure(fig, path: Path) -> None:
+    fig.tight_layout()
+    atomic_write_bytes(Path(path), lambda f: fig.savefig(f, format="png", dpi=110))
+    _pyplot().close(fig)
+
+
+def plot_curves(histories: Sequence[dict], labels: Sequence[str], path: Path, title: str = "") -> None:
+    """One row per run: train vs validation loss (left) and accuracy (right) per epoch, with the
+    per-interval training loss as a thin line."""
+    plt = _pyplot()
     fig, axes = plt.subplots(len(histories), 2, figsize=(10, 3.2 * len(histories)), squeeze=False)
     for (ax_l, ax_a), h, label in zip(axes, histories, labels, strict=True):
         steps_per_epoch = (h["interval"]["step"][-1] / h["epoch"][-1]) if h["interval"]["step"] else 1
@@ -76,11 +80,7 @@ def plot_curves(histories: Sequence[dict], labels: Sequence[str], path: Path, ti
 def plot_overlay(histories: Sequence[dict], labels: Sequence[str], path: Path, key: str = "val_accuracy",
                  title: str = "") -> None:
     """``key`` per epoch for every run on one axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for h, label in zip(histories, labels, strict=True):
         ax.plot(h["epoch"], h[key], "o-", label=label)

@@ -20,8 +20,7 @@ REAL_ZIP = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cif
 
 
 def _load(path, cache, name="cifar10", **kw):
-    # Generated trees have 3 classes: bypass the class-count check by calling the reader directly
-    # through a dataset name whose count we patch per test.
+    # Generated trees have 3 classes; the autouse fixture below makes "cifar10" expect 3.
     return load_cifar(name, path, cache_dir=cache, progress=False, **kw)
 
 

@@ -26,7 +26,7 @@ from jaxcifar.models import create_model
 from jaxcifar.train import checkpoint as ckpt
 from jaxcifar.train.config import TrainConfig, validate_config
 from jaxcifar.train.optim import make_optimizer, make_plateau, unit_schedule
-from jaxcifar.train.state import DATA_STREAM, TrainState, learning_rate
+from jaxcifar.train.state import DATA_STREAM, TrainState, learning_rate, stack_states
 from jaxcifar.train.steps import StepFns, make_chunk_runner, make_evaluator
 from jaxcifar.versions import environment
 
@@ -185,7 +185,7 @@ def fit(
 
     fns, _, plateau_tx = build(config, data)
     states = [init_state(config, fns, plateau_tx, r) for r in runs]
-    state = jax.tree.map(lambda *xs: jnp.stack(xs), *states) if vmapped else states[0]
+    state = stack_states(states) if vmapped else states[0]
     vm = (lambda f, axes: jax.vmap(f, in_axes=axes)) if vmapped else (lambda f, axes: f)  # noqa: E731
 
     runner = make_chunk_runner(fns, unroll=True if loop == "unrolled" else 1)
@@ -203,9 +203,12 @@ def fit(
     end_epoch = jax.jit(vm(_end_of_epoch(plateau_tx), (0, 0, 0)))
     current_lr = jax.jit(vm(lambda s: learning_rate(s) * unit_schedule(config, spe)(s.step), (0,)))
 
-    def eval_split(fn, split):
-        idx, w = eval_batches(int(split[1].shape[0]), config.eval_batch_size)
-        return jax.device_get(fn(state, split[0], split[1], idx, w))
+    plans = {name: tuple(map(jnp.asarray, eval_batches(int(split[1].shape[0]), config.eval_batch_size)))
+             for name, split in (("val", data.val), ("test", data.test)) if split is not None}
+
+    def eval_split(fn, name):
+        split = data.val if name == "val" else data.test
+        return jax.device_get(fn(state, split[0], split[1], *plans[name]))
 
     histories = [_new_history() for _ in runs]
     meta = {"config": config.to_dict(), "runs": runs, "loop": loop, "chunk": chunk, "vmapped": vmapped,
@@ -241,7 +244,7 @@ def fit(
         train_m = jax.device_get(jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=-1), *chunk_metrics))
         train_m = {k: np.asarray(v).reshape(len(runs), -1)[:, :spe] for k, v in train_m.items()}
         if data.val is not None:
-            val_m = eval_split(evaluate, data.val)
+            val_m = eval_split(evaluate, "val")
         else:  # no validation split: select on training metrics
             val_m = {"loss": train_m["loss"].mean(-1), "accuracy": train_m["accuracy"].mean(-1)}
         val_loss = np.asarray(val_m["loss"], np.float32).reshape(len(runs))
@@ -268,8 +271,8 @@ def fit(
         if config.early_stopping_patience and np.all(epoch - best_epochs >= config.early_stopping_patience):
             break
 
-    test_best = eval_split(evaluate_best, data.test)
-    test_final = eval_split(evaluate, data.test)
+    test_best = eval_split(evaluate_best, "test")
+    test_final = eval_split(evaluate, "test")
     summaries = []
     best_acc = np.asarray(jax.device_get(state.best_val_accuracy)).reshape(len(runs))
     best_ep = np.asarray(jax.device_get(state.best_epoch)).reshape(len(runs))
