@@ -48,14 +48,13 @@ def bench_jax(model: str, batch: int, loop: str, steps: int, chunk: int = 16) ->
     run = jax.jit(make_chunk_runner(fns, unroll=True if loop == "unrolled" else 1), donate_argnums=0)
     n_chunks = max(2, steps // chunk)
     idx = jnp.asarray(rng.integers(0, 2048, (n_chunks, chunk, batch)))
-    valid = jnp.ones(chunk, bool)
     t = time.perf_counter()
-    state, m = run(state, images, labels, idx[0], valid)
+    state, m = run(state, images, labels, idx[0])
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t
     t = time.perf_counter()
     for c in range(1, n_chunks):
-        state, m = run(state, images, labels, idx[c], valid)
+        state, m = run(state, images, labels, idx[c])
     jax.block_until_ready(m)
     return (n_chunks - 1) * chunk * batch / (time.perf_counter() - t), compile_s
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcifar.errors import ConfigError
+from jaxcifar.layers import BatchNorm, Conv, max_pool_2x2
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": nn.relu,
@@ -93,13 +94,13 @@ class ConvNet(nn.Module):
         k = (self.kernel_size, self.kernel_size)
         for b, block in enumerate(self.channels):
             for c, width in enumerate(block):
-                x = nn.Conv(width, k, padding=self.padding, use_bias=not self.batch_norm, dtype=self.dtype,
+                x = Conv(width, k, padding=self.padding, use_bias=not self.batch_norm, dtype=self.dtype,
                             name=f"conv{b}_{c}")(x)
                 if self.batch_norm:
-                    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
+                    x = BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
                                      name=f"bn{b}_{c}")(x)
                 x = act(x)
-            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            x = max_pool_2x2(x)
             if "blocks" in self.dropout_at:
                 x = Dropout(name=f"drop_block{b}")(x, rate, train)
         x = x.reshape(x.shape[0], -1)
@@ -121,14 +122,14 @@ class BasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         act = activation(self.activation)
-        norm = lambda name: nn.BatchNorm(use_running_average=not train, momentum=0.9,  # noqa: E731
+        norm = lambda name: BatchNorm(use_running_average=not train, momentum=0.9,  # noqa: E731
                                          dtype=self.dtype, name=name)
-        y = nn.Conv(self.width, (3, 3), self.stride, padding=1, use_bias=False, dtype=self.dtype, name="conv1")(x)
+        y = Conv(self.width, (3, 3), self.stride, padding=1, use_bias=False, dtype=self.dtype, name="conv1")(x)
         y = act(norm("bn1")(y))
-        y = nn.Conv(self.width, (3, 3), padding=1, use_bias=False, dtype=self.dtype, name="conv2")(y)
+        y = Conv(self.width, (3, 3), padding=1, use_bias=False, dtype=self.dtype, name="conv2")(y)
         y = norm("bn2")(y)
         if self.stride != 1 or x.shape[-1] != self.width:
-            x = nn.Conv(self.width, (1, 1), self.stride, use_bias=False, dtype=self.dtype, name="proj")(x)
+            x = Conv(self.width, (1, 1), self.stride, use_bias=False, dtype=self.dtype, name="proj")(x)
             x = norm("proj_bn")(x)
         return act(x + y)
 
@@ -147,8 +148,8 @@ class ResNet(nn.Module):
     def __call__(self, x, train: bool = False, dropout_rate=None):
         rate = self.dropout_rate if dropout_rate is None else dropout_rate
         x = x.astype(self.dtype)
-        x = nn.Conv(self.stages[0][1], (3, 3), padding=1, use_bias=False, dtype=self.dtype, name="stem")(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype, name="stem_bn")(x)
+        x = Conv(self.stages[0][1], (3, 3), padding=1, use_bias=False, dtype=self.dtype, name="stem")(x)
+        x = BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype, name="stem_bn")(x)
         x = activation(self.activation)(x)
         for s, (blocks, width) in enumerate(self.stages):
             for b in range(blocks):

@@ -189,15 +189,14 @@ def fit(
     vm = (lambda f, axes: jax.vmap(f, in_axes=axes)) if vmapped else (lambda f, axes: f)  # noqa: E731
 
     runner = make_chunk_runner(fns, unroll=True if loop == "unrolled" else 1)
-    run_chunk = jax.jit(vm(runner, (0, None, None, 0, None)), donate_argnums=0)
+    run_chunk = jax.jit(vm(runner, (0, None, None, 0)), donate_argnums=0)
 
     def order(rng, epoch):
-        idx = epoch_batches(jax.random.fold_in(jax.random.fold_in(rng, DATA_STREAM), epoch), n_train,
-                            config.batch_size)
-        return jnp.pad(idx, ((0, n_chunks * chunk - spe), (0, 0))).reshape(n_chunks, chunk, -1)
+        return epoch_batches(jax.random.fold_in(jax.random.fold_in(rng, DATA_STREAM), epoch), n_train,
+                             config.batch_size)
 
     epoch_order = jax.jit(vm(order, (0, None)))
-    valid = jnp.arange(n_chunks * chunk).reshape(n_chunks, chunk) < spe
+    bounds = [(c * chunk, min((c + 1) * chunk, spe)) for c in range(n_chunks)]
     evaluate = jax.jit(vm(make_evaluator(fns), (0, None, None, None, None)))
     evaluate_best = jax.jit(vm(make_evaluator(fns, use_best=True), (0, None, None, None, None)))
     end_epoch = jax.jit(vm(_end_of_epoch(plateau_tx), (0, 0, 0)))
@@ -227,14 +226,12 @@ def fit(
         chunk_metrics = []
         bar = tqdm(total=spe, desc=f"epoch {epoch}/{config.epochs}", unit="step", disable=not progress, leave=False)
         next_log = config.log_every
-        for c in range(n_chunks):
-            state, m = run_chunk(state, data.train[0], data.train[1], order_idx[:, c] if vmapped else order_idx[c],
-                                 valid[c])
+        for lo, done in bounds:
+            state, m = run_chunk(state, data.train[0], data.train[1], order_idx[..., lo:done, :])
             chunk_metrics.append(m)
             if compile_seconds is None:
                 jax.block_until_ready(m)
                 compile_seconds = time.perf_counter() - t0
-            done = min((c + 1) * chunk, spe)
             bar.update(done - bar.n)
             if done >= next_log or done == spe:  # metrics come back once per logging interval
                 last = jax.device_get(m)
@@ -242,7 +239,7 @@ def fit(
                 next_log += config.log_every
         bar.close()
         train_m = jax.device_get(jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=-1), *chunk_metrics))
-        train_m = {k: np.asarray(v).reshape(len(runs), -1)[:, :spe] for k, v in train_m.items()}
+        train_m = {k: np.asarray(v).reshape(len(runs), spe) for k, v in train_m.items()}
         if data.val is not None:
             val_m = eval_split(evaluate, "val")
         else:  # no validation split: select on training metrics
