@@ -13,17 +13,9 @@ import itertools
 
 import numpy as np
 
-from jaxcifar import cli
+from jaxcifar import cli, configs
 from jaxcifar.report import markdown_table, plot_curves, plot_overlay, write_json, write_text
-from jaxcifar.train import TrainConfig, fit
-
-
-def baseline_config(args) -> TrainConfig:
-    """The classic baseline: SGD lr 1e-3 momentum 0.9, batch 32, 49000/1000 split, dropout before the
-    classifier (after the 512-unit dense layer)."""
-    return TrainConfig(model="convnet", model_kwargs={"dropout_at": ("head",)}, optimizer="sgd",
-                       learning_rate=1e-3, momentum=0.9, batch_size=args.batch_size, epochs=args.epochs,
-                       val_size=args.val_size, seed=args.seed, log_every=200)
+from jaxcifar.train import fit
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,7 +25,8 @@ def main(argv: list[str] | None = None) -> None:
     args = cli.parse(p, argv)
     out = cli.out_dir(args)
     data = cli.load_data(args)
-    config = baseline_config(args)
+    config = configs.baseline(batch_size=args.batch_size, epochs=args.epochs, val_size=args.val_size,
+                              seed=args.seed)
     runs = [{"dropout_rate": r, "seed": args.seed + s} for r, s in itertools.product(args.rates, range(args.seeds))]
     result = fit(config, data, runs=runs, checkpoint_dir=str(out / "checkpoints"), resume=not args.no_resume,
                  progress=not args.no_progress)

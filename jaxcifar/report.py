@@ -28,6 +28,27 @@ def _default(x):
     return str(x)
 
 
+# Two-sided 97.5 % quantiles of Student's t for 1..30 degrees of freedom (beyond 30 the normal 1.96 is used).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+
+
+def t_quantile_975(dof: int) -> float:
+    return _T975[dof - 1] if dof <= len(_T975) else 1.96
+
+
+def seed_statistics(values: Sequence[float]) -> dict[str, float]:
+    """``mean``, ``std`` (sample, ddof=1), ``min``, ``max``, ``n`` and the 95 % confidence interval of the
+    mean, ``ci95 = mean +- t(0.975, n-1) * std / sqrt(n)`` (``ci95_low``/``ci95_high``; NaN for n = 1)."""
+    x = np.asarray(values, np.float64)
+    n = len(x)
+    std = float(x.std(ddof=1)) if n > 1 else float("nan")
+    half = t_quantile_975(n - 1) * std / np.sqrt(n) if n > 1 else float("nan")
+    return {"n": n, "mean": float(x.mean()), "std": std, "min": float(x.min()), "max": float(x.max()),
+            "ci95_half_width": float(half), "ci95_low": float(x.mean() - half), "ci95_high": float(x.mean() + half)}
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     def fmt(v):
         return f"{v:.4f}" if isinstance(v, float) else str(v)
@@ -61,8 +82,9 @@ def plot_curves(histories: Sequence[dict], labels: Sequence[str], path: Path, ti
     for (ax_l, ax_a), h, label in zip(axes, histories, labels, strict=True):
         steps_per_epoch = (h["interval"]["step"][-1] / h["epoch"][-1]) if h["interval"]["step"] else 1
         if h["interval"]["step"]:
-            ax_l.plot(np.asarray(h["interval"]["step"]) / steps_per_epoch, h["interval"]["loss"],
-                      lw=0.7, alpha=0.5, label="train (every log interval)")
+            at = np.asarray(h["interval"]["step"]) / steps_per_epoch
+            ax_l.plot(at, h["interval"]["loss"], lw=0.7, alpha=0.5, label="train (every log interval)")
+            ax_a.plot(at, h["interval"]["accuracy"], lw=0.7, alpha=0.5, label="train (every log interval)")
         ax_l.plot(h["epoch"], h["train_loss"], "o-", label="train")
         ax_l.plot(h["epoch"], h["val_loss"], "s-", label="validation")
         ax_a.plot(h["epoch"], h["train_accuracy"], "o-", label="train")
@@ -84,6 +106,23 @@ def plot_overlay(histories: Sequence[dict], labels: Sequence[str], path: Path, k
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for h, label in zip(histories, labels, strict=True):
         ax.plot(h["epoch"], h[key], "o-", label=label)
+    ax.set(xlabel="epoch", ylabel=key.replace("_", " "), title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save_figure(fig, path)
+
+
+def plot_seed_band(histories: Sequence[dict], path: Path, key: str = "val_accuracy", title: str = "") -> None:
+    """``key`` per epoch: every seed as a thin line, their mean and a +-1 std band."""
+    plt = _pyplot()
+    epochs = np.asarray(histories[0]["epoch"])
+    values = np.asarray([h[key] for h in histories], np.float64)
+    mean, std = values.mean(0), values.std(0, ddof=1) if len(values) > 1 else np.zeros(len(epochs))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for v in values:
+        ax.plot(epochs, v, color="gray", lw=0.8, alpha=0.5)
+    ax.fill_between(epochs, mean - std, mean + std, alpha=0.3, label="mean +- std")
+    ax.plot(epochs, mean, "o-", lw=2, label=f"mean of {len(values)} seeds")
     ax.set(xlabel="epoch", ylabel=key.replace("_", " "), title=title)
     ax.grid(alpha=0.3)
     ax.legend()

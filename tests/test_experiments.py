@@ -7,15 +7,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
 from conftest import write_image_folder, zip_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = tuple(f"c{i}" for i in range(10))
 
 
-def run(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "experiments.dropout_sweep", *args], cwd=cwd,
+def run(*args, cwd=ROOT, experiment="dropout_sweep"):
+    return subprocess.run([sys.executable, "-m", f"experiments.{experiment}", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=600)
+
+
+def tiny_zip(tmp_path, train=12, test=4):
+    src = tmp_path / "src"
+    write_image_folder(src, {"train": train, "test": test}, classes=CLASSES)
+    return zip_tree(src, tmp_path / "tiny.zip")
 
 
 def test_dropout_sweep_writes_report_and_resumes(tmp_path):
@@ -49,3 +57,32 @@ def test_bad_data_path_is_one_clear_line(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr
     assert (tmp_path / "out" / "keep.txt").read_text() == "x"
+
+
+def test_robustness_reports_seed_statistics(tmp_path):
+    out = tmp_path / "out"
+    r = run("--data", str(tiny_zip(tmp_path)), "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
+            "--val-size", "20", "--batch-size", "25", "--epochs", "1", "--seeds", "3", "--no-progress",
+            experiment="robustness")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    acc = np.array([s["test_accuracy"] for s in res["summaries"]])
+    st = res["statistics"]["test_accuracy"]
+    assert [run["seed"] for run in res["runs"]] == [0, 1, 2] and st["n"] == 3
+    assert st["mean"] == pytest.approx(acc.mean()) and st["std"] == pytest.approx(acc.std(ddof=1))
+    assert st["ci95_high"] - st["mean"] == pytest.approx(4.303 * acc.std(ddof=1) / np.sqrt(3))
+    assert len({tuple(h["train_loss"]) for h in res["histories"]}) == 3  # the seeds really differ
+    assert (out / "val_accuracy.png").stat().st_size > 0 and "95 % CI" in (out / "report.md").read_text()
+
+
+def test_baseline_writes_report_and_model(tmp_path):
+    out = tmp_path / "out"
+    r = run("--data", str(tiny_zip(tmp_path)), "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
+            "--val-size", "20", "--batch-size", "25", "--epochs", "2", "--no-progress", experiment="baseline")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["history"]["epoch"] == [1, 2] and 1 <= res["summary"]["best_epoch"] <= 2
+    assert res["summary"]["best_val_accuracy"] == max(res["history"]["val_accuracy"])
+    assert res["config"]["optimizer"] == "sgd" and res["config"]["learning_rate"] == 1e-3
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2"]
+    assert (out / "curves.png").stat().st_size > 0 and "Best validation accuracy" in (out / "report.md").read_text()

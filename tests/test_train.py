@@ -141,12 +141,19 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tiny, tmp_path):
     assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(restored.params))
 
 
-def test_vmapped_runs_match_single_runs(tiny):
-    cfg = FAST.replace(epochs=1, augment=("flip",))
+@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+def test_runs_in_one_program_match_single_runs(tiny, strategy):
+    cfg = FAST.replace(epochs=1, augment=("flip",), run_strategy=strategy)
     runs = [{"seed": 0, "dropout_rate": 0.0}, {"seed": 1, "dropout_rate": 0.5}]
     swept = fit(cfg, tiny, runs=runs, progress=False)
+    assert swept.meta["run_strategy"] == strategy
     for k, run in enumerate(runs):
         single = fit(cfg.replace(**run, split_seed=0), tiny, progress=False)  # the sweep shares one split
+        if strategy == "loop":  # the same operations as the single run: equal to float rounding
+            np.testing.assert_allclose(swept.histories[k]["train_loss"], single.history["train_loss"], rtol=1e-6)
+            chex.assert_trees_all_close(unstack_state(swept.state, k).params, single.state.params, rtol=1e-5,
+                                        atol=1e-6)
+            continue
         # vmap turns the convolutions into grouped ones with another summation order, so float32 results
         # agree to rounding, not bitwise; 14 SGD steps amplify ~1e-7 relative differences to ~1e-4.
         np.testing.assert_allclose(swept.histories[k]["train_loss"], single.history["train_loss"], rtol=1e-4)
@@ -156,3 +163,19 @@ def test_vmapped_runs_match_single_runs(tiny):
             assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 2e-2
         assert swept.histories[k]["val_accuracy"] == pytest.approx(single.history["val_accuracy"], abs=1 / 64)
     assert swept.histories[0]["train_loss"] != swept.histories[1]["train_loss"]
+
+
+def test_run_groups_checkpoint_and_resume_exactly(tiny, tmp_path):
+    """Three runs, two per compiled group: interrupted after epoch 1 and resumed == uninterrupted; the
+    groups' results equal one program holding all three runs."""
+    cfg = FAST.replace(run_strategy="loop", runs_per_chunk=2)
+    runs = [{"seed": s} for s in range(3)]
+    ck = tmp_path / "ck"
+    fit(cfg.replace(epochs=1), tiny, runs=runs, checkpoint_dir=str(ck), progress=False)
+    assert sorted(p.name for p in ck.iterdir()) == ["runs_0000-0001", "runs_0002-0002"]
+    resumed = fit(cfg, tiny, runs=runs, checkpoint_dir=str(ck), progress=False)
+    whole = fit(cfg.replace(runs_per_chunk=None), tiny, runs=runs, progress=False)
+    assert resumed.meta["runs_per_chunk"] == 2 and whole.meta["runs_per_chunk"] == 3
+    assert strip_times(resumed.histories) == strip_times(whole.histories)
+    assert resumed.summaries == whole.summaries
+    chex.assert_trees_all_equal(resumed.state.params, whole.state.params)

@@ -14,6 +14,7 @@ from jaxcifar.models import ACTIVATIONS, MODELS
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine", "warmup_cosine", "onecycle")
 LOOPS = ("auto", "scan", "unrolled")
+RUN_STRATEGIES = ("auto", "vmap", "loop")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -58,6 +59,10 @@ class TrainConfig:
     seed: int = 0
     loop: str = "auto"  # "scan": whole epoch in one lax.scan; "unrolled": chunks of `unroll` steps
     unroll: int = 16
+    # Several runs (fit(runs=...)): "vmap" batches them; "loop" traces them one after another inside the same
+    # compiled program; "auto" = loop on CPU (grouped convolutions are slow there), vmap elsewhere.
+    run_strategy: str = "auto"
+    runs_per_chunk: int | None = None  # runs compiled and trained together; None = as many as fit in memory
     # checkpoints
     keep_checkpoints: int = 2
 
@@ -88,6 +93,9 @@ def validate_config(c: TrainConfig, train_size: int | None = None) -> None:
     _check(act in ACTIVATIONS, f"unknown activation {act!r}: use one of {sorted(ACTIVATIONS)}")
     _check(c.optimizer in OPTIMIZERS, f"unknown optimizer {c.optimizer!r}: use one of {list(OPTIMIZERS)}")
     _check(c.schedule in SCHEDULES, f"unknown schedule {c.schedule!r}: use one of {list(SCHEDULES)}")
+    _check(c.run_strategy in RUN_STRATEGIES,
+           f"unknown run_strategy {c.run_strategy!r}: use one of {list(RUN_STRATEGIES)}")
+    _check(c.runs_per_chunk is None or c.runs_per_chunk >= 1, "runs_per_chunk must be >= 1 or None")
     _check(c.loop in LOOPS, f"unknown loop {c.loop!r}: use one of {list(LOOPS)}")
     _check(c.dtype in DTYPES, f"unknown dtype {c.dtype!r}: use one of {list(DTYPES)}")
     _check(0.0 <= c.dropout_rate < 1.0, f"dropout rate {c.dropout_rate} must be in [0, 1): e.g. 0.5")

@@ -26,6 +26,14 @@ from jaxcifar.models import create_model
 from jaxcifar.train import checkpoint as ckpt
 from jaxcifar.train.config import TrainConfig, validate_config
 from jaxcifar.train.optim import make_optimizer, make_plateau, unit_schedule
+from jaxcifar.train.runs import (
+    choose_runs_per_chunk,
+    concat_runs,
+    memory_budget,
+    over_runs,
+    program_bytes,
+    resolve_strategy,
+)
 from jaxcifar.train.state import DATA_STREAM, TrainState, learning_rate, stack_states
 from jaxcifar.train.steps import StepFns, make_chunk_runner, make_evaluator
 from jaxcifar.versions import environment
@@ -168,50 +176,93 @@ def fit(
     on_epoch_end: Callable[[int, list[dict[str, Any]]], None] | None = None,
 ) -> FitResult:
     """Train ``config`` on ``dataset``; with ``runs`` (a list of per-run overrides, see :data:`RUN_KEYS`)
-    train them all at once, vmapped. Checkpoints every epoch into ``checkpoint_dir`` and resumes from its
-    latest checkpoint when ``resume``. ``on_epoch_end(epoch, histories)`` is called after each saved epoch.
+    train them all at once in one compiled program (``config.run_strategy``), ``config.runs_per_chunk`` runs
+    at a time (default: as many as fit in memory). Checkpoints every epoch into ``checkpoint_dir`` (one
+    sub-directory per group of runs when there are several groups) and resumes from the latest checkpoint
+    when ``resume``. ``on_epoch_end(epoch, histories)`` is called after each saved epoch.
     """
     validate_config(config)
     vmapped = runs is not None
     runs = [dict(r) for r in runs] if vmapped else [{}]
     _check_runs(config, runs)
     data = dataset if isinstance(dataset, PreparedData) else prepare_data(dataset, config)
+    validate_config(config, train_size=int(data.train[1].shape[0]))
+    strategy = resolve_strategy(config.run_strategy) if vmapped else "single"
+    fns, _, plateau_tx = build(config, data)
+    group = len(runs) if not vmapped else config.runs_per_chunk or choose_runs_per_chunk(
+        len(runs), lambda g: _group_bytes(config, data, fns, plateau_tx, runs[:g], strategy), memory_budget())
+    groups = [runs[i:i + group] for i in range(0, len(runs), group)]
+    results = []
+    for g, group_runs in enumerate(groups):
+        sub = checkpoint_dir
+        if checkpoint_dir and len(groups) > 1:
+            sub = f"{checkpoint_dir}/runs_{g * group:04d}-{g * group + len(group_runs) - 1:04d}"
+        done = [h for r in results for h in r.histories]
+        hook = on_epoch_end and (lambda e, hs, done=done: on_epoch_end(e, done + hs))
+        results.append(_fit_group(config, data, fns, plateau_tx, group_runs, vmapped, strategy, sub, resume,
+                                  progress, hook))
+    meta = {**results[0].meta, "runs": runs, "runs_per_chunk": group, "run_groups": len(groups)}
+    return FitResult(config, runs, [h for r in results for h in r.histories],
+                     [s for r in results for s in r.summaries], concat_runs([r.state for r in results]), fns,
+                     vmapped, meta)
+
+
+def _compiled_fns(config: TrainConfig, data: PreparedData, fns: StepFns, plateau_tx, n_runs: int, vmapped: bool,
+                  strategy: str) -> dict[str, Any]:
+    """The jitted pieces of one epoch for a group of ``n_runs`` runs (a plain single run if not ``vmapped``)."""
     n_train = int(data.train[1].shape[0])
-    validate_config(config, train_size=n_train)
     spe = steps_per_epoch(n_train, config.batch_size)
     loop, chunk = resolve_loop(config)
-    chunk = spe if loop == "scan" else min(chunk, spe)
-    n_chunks = -(-spe // chunk)
-
-    fns, _, plateau_tx = build(config, data)
-    states = [init_state(config, fns, plateau_tx, r) for r in runs]
-    state = stack_states(states) if vmapped else states[0]
-    vm = (lambda f, axes: jax.vmap(f, in_axes=axes)) if vmapped else (lambda f, axes: f)  # noqa: E731
-
-    runner = make_chunk_runner(fns, unroll=True if loop == "unrolled" else 1)
-    run_chunk = jax.jit(vm(runner, (0, None, None, 0)), donate_argnums=0)
+    if loop == "scan":
+        chunk = spe
+    elif strategy == "loop":  # the runs are traced one after another: keep the program's step count
+        chunk = max(1, chunk // n_runs)
+    chunk = min(chunk, spe)
+    vm = (lambda f, axes: over_runs(f, axes, strategy)) if vmapped else (lambda f, axes: f)  # noqa: E731
 
     def order(rng, epoch):
         return epoch_batches(jax.random.fold_in(jax.random.fold_in(rng, DATA_STREAM), epoch), n_train,
                              config.batch_size)
 
-    epoch_order = jax.jit(vm(order, (0, None)))
-    bounds = [(c * chunk, min((c + 1) * chunk, spe)) for c in range(n_chunks)]
-    evaluate = jax.jit(vm(make_evaluator(fns), (0, None, None, None, None)))
-    evaluate_best = jax.jit(vm(make_evaluator(fns, use_best=True), (0, None, None, None, None)))
-    end_epoch = jax.jit(vm(_end_of_epoch(plateau_tx), (0, 0, 0)))
-    current_lr = jax.jit(vm(lambda s: learning_rate(s) * unit_schedule(config, spe)(s.step), (0,)))
+    runner = make_chunk_runner(fns, unroll=True if loop == "unrolled" else 1)
+    evaluator = (0, None, None, None, None)
+    return {
+        "loop": loop, "chunk": chunk, "spe": spe,
+        "run_chunk": jax.jit(vm(runner, (0, None, None, 0)), donate_argnums=0),
+        "epoch_order": jax.jit(jax.vmap(order, (0, None)) if vmapped else order),
+        "evaluate": jax.jit(vm(make_evaluator(fns), evaluator)),
+        "evaluate_best": jax.jit(vm(make_evaluator(fns, use_best=True), evaluator)),
+        "end_epoch": jax.jit(vm(_end_of_epoch(plateau_tx), (0, 0, 0))),
+        "current_lr": jax.jit(vm(lambda s: learning_rate(s) * unit_schedule(config, spe)(s.step), (0,))),
+    }
 
+
+def _group_bytes(config, data, fns, plateau_tx, runs, strategy) -> int:
+    """Memory of the training program for this group of runs, from XLA's analysis of the compiled chunk."""
+    c = _compiled_fns(config, data, fns, plateau_tx, len(runs), True, strategy)
+    state = jax.eval_shape(lambda: stack_states([init_state(config, fns, plateau_tx, r) for r in runs]))
+    index = jax.ShapeDtypeStruct((len(runs), c["chunk"], config.batch_size), jnp.int32)
+    return program_bytes(c["run_chunk"].lower(state, *data.train, index).compile())
+
+
+def _fit_group(config, data, fns, plateau_tx, runs, vmapped, strategy, checkpoint_dir, resume, progress,
+               on_epoch_end) -> FitResult:
+    c = _compiled_fns(config, data, fns, plateau_tx, len(runs), vmapped, strategy)
+    loop, chunk, spe = c["loop"], c["chunk"], c["spe"]
+    states = [init_state(config, fns, plateau_tx, r) for r in runs]
+    state = stack_states(states) if vmapped else states[0]
+    bounds = [(lo, min(lo + chunk, spe)) for lo in range(0, spe, chunk)]
     plans = {name: tuple(map(jnp.asarray, eval_batches(int(split[1].shape[0]), config.eval_batch_size)))
              for name, split in (("val", data.val), ("test", data.test)) if split is not None}
 
     def eval_split(fn, name):
         split = data.val if name == "val" else data.test
-        return jax.device_get(fn(state, split[0], split[1], *plans[name]))
+        return jax.device_get(c[fn](state, split[0], split[1], *plans[name]))
 
     histories = [_new_history() for _ in runs]
     meta = {"config": config.to_dict(), "runs": runs, "loop": loop, "chunk": chunk, "vmapped": vmapped,
-            "normalization": {"mean": data.mean, "std": data.std}, "environment": environment()}
+            "run_strategy": strategy, "normalization": {"mean": data.mean, "std": data.std},
+            "environment": environment()}
     manager = ckpt.checkpoint_manager(checkpoint_dir, config.keep_checkpoints) if checkpoint_dir else None
     if manager is not None and resume and manager.latest_step() is not None:
         state, saved = ckpt.restore(checkpoint_dir, state, "latest")
@@ -222,12 +273,12 @@ def fit(
     compile_seconds = None
     for epoch in range(start_epoch + 1, config.epochs + 1):
         t0 = time.perf_counter()
-        order_idx = epoch_order(state.rng, epoch)
+        order_idx = c["epoch_order"](state.rng, epoch)
         chunk_metrics = []
         bar = tqdm(total=spe, desc=f"epoch {epoch}/{config.epochs}", unit="step", disable=not progress, leave=False)
         next_log = config.log_every
         for lo, done in bounds:
-            state, m = run_chunk(state, data.train[0], data.train[1], order_idx[..., lo:done, :])
+            state, m = c["run_chunk"](state, data.train[0], data.train[1], order_idx[..., lo:done, :])
             chunk_metrics.append(m)
             if compile_seconds is None:
                 jax.block_until_ready(m)
@@ -241,7 +292,7 @@ def fit(
         train_m = jax.device_get(jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=-1), *chunk_metrics))
         train_m = {k: np.asarray(v).reshape(len(runs), spe) for k, v in train_m.items()}
         if data.val is not None:
-            val_m = eval_split(evaluate, "val")
+            val_m = eval_split("evaluate", "val")
         else:  # no validation split: select on training metrics
             val_m = {"loss": train_m["loss"].mean(-1), "accuracy": train_m["accuracy"].mean(-1)}
         val_loss = np.asarray(val_m["loss"], np.float32).reshape(len(runs))
@@ -250,9 +301,9 @@ def fit(
             where = f"; last good checkpoint kept in {checkpoint_dir}" if manager else ""
             raise TrainingError(f"loss became NaN/inf in epoch {epoch}: lower the learning rate or set "
                                 f"grad_clip_norm{where}")
-        state = end_epoch(state, jnp.asarray(val_loss if vmapped else val_loss[0]),
-                          jnp.asarray(val_acc if vmapped else val_acc[0]))
-        lrs = np.asarray(jax.device_get(current_lr(state))).reshape(len(runs))
+        state = c["end_epoch"](state, jnp.asarray(val_loss if vmapped else val_loss[0]),
+                               jnp.asarray(val_acc if vmapped else val_acc[0]))
+        lrs = np.asarray(jax.device_get(c["current_lr"](state))).reshape(len(runs))
         seconds = time.perf_counter() - t0
         for r, h in enumerate(histories):
             _append_epoch(h, epoch, spe, config.log_every, train_m, r, val_loss[r], val_acc[r], lrs[r], seconds)
@@ -268,8 +319,8 @@ def fit(
         if config.early_stopping_patience and np.all(epoch - best_epochs >= config.early_stopping_patience):
             break
 
-    test_best = eval_split(evaluate_best, "test")
-    test_final = eval_split(evaluate, "test")
+    test_best = eval_split("evaluate_best", "test")
+    test_final = eval_split("evaluate", "test")
     summaries = []
     best_acc = np.asarray(jax.device_get(state.best_val_accuracy)).reshape(len(runs))
     best_ep = np.asarray(jax.device_get(state.best_epoch)).reshape(len(runs))
@@ -300,7 +351,8 @@ def _append_epoch(h, epoch, spe, log_every, train_m, r, val_loss, val_acc, lr, s
 
 
 def _check_resumable(saved: dict[str, Any], meta: dict[str, Any], directory: str) -> None:
-    ignore = {"epochs", "early_stopping_patience", "keep_checkpoints", "log_every"}
+    ignore = {"epochs", "early_stopping_patience", "keep_checkpoints", "log_every", "run_strategy",
+              "runs_per_chunk"}
     old = {k: v for k, v in saved["config"].items() if k not in ignore}
     new = {k: v for k, v in meta["config"].items() if k not in ignore}
     if _jsonable(old) != _jsonable(new) or _jsonable(saved["runs"]) != _jsonable(meta["runs"]):

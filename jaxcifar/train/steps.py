@@ -94,6 +94,12 @@ def make_chunk_runner(fns: StepFns, unroll: int | bool) -> Callable:
             key = jax.random.fold_in(state.rng, state.step)
             return fns.train_step(state, (images[idx], labels[idx]), key)
 
+        if unroll is True:  # straight-line code: XLA:CPU runs even a length-1 scan as a slow while loop
+            metrics = []
+            for i in range(index.shape[0]):
+                state, m = body(state, index[i])
+                metrics.append(m)
+            return state, jax.tree.map(lambda *xs: jnp.stack(xs), *metrics)
         return jax.lax.scan(body, state, index, unroll=unroll)
 
     return run
