@@ -127,3 +127,55 @@ def plot_seed_band(histories: Sequence[dict], path: Path, key: str = "val_accura
     ax.grid(alpha=0.3)
     ax.legend()
     _save_figure(fig, path)
+
+
+def plot_prediction_grid(images: np.ndarray, labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str],
+                         path: Path, title: str = "", cols: int = 8) -> None:
+    """uint8 images [N, 32, 32, 3] titled with the predicted class and its probability: green when right,
+    red when wrong (the true class follows a wrong prediction)."""
+    plt = _pyplot()
+    rows = -(-len(images) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 2.1 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, y, p in zip(axes.flat, images, labels, probs, strict=False):
+        pred = int(p.argmax())
+        ax.imshow(img, interpolation="nearest")
+        text = f"{class_names[pred]} {p[pred]:.2f}" + ("" if pred == y else f"\n(true: {class_names[y]})")
+        ax.set_title(text, fontsize=7, color="green" if pred == y else "red")
+    if title:
+        fig.suptitle(title)
+    _save_figure(fig, path)
+
+
+def plot_class_histograms(counts: dict[str, np.ndarray], class_names: Sequence[str], path: Path) -> None:
+    """One bar chart of examples per class for each split in ``counts``."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(counts), figsize=(max(6, 0.35 * len(class_names)) * len(counts), 3.8),
+                             squeeze=False)
+    for ax, (split, c) in zip(axes[0], counts.items(), strict=True):
+        ax.bar(range(len(c)), c)
+        ax.set(title=f"{split}: {int(np.sum(c))} images", ylabel="images")
+        ax.set_xticks(range(len(c)), class_names if len(class_names) <= 20 else [""] * len(c), rotation=60,
+                      fontsize=7)
+    _save_figure(fig, path)
+
+
+def plot_image_row(images: np.ndarray, titles: Sequence[str], path: Path, title: str = "",
+                   cmap_range: tuple[float, float] | None = None) -> None:
+    """Images side by side; float images are shown per-image min-max scaled unless ``cmap_range`` is given."""
+    plt = _pyplot()
+    cols = min(10, len(images))
+    rows = -(-len(images) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.5 * cols, 1.7 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, t in zip(axes.flat, images, titles, strict=False):
+        if img.dtype != np.uint8:
+            lo, hi = cmap_range or (float(img.min()), float(img.max()))
+            img = np.clip((img - lo) / max(hi - lo, 1e-8), 0, 1)
+        ax.imshow(img, interpolation="nearest")
+        ax.set_title(t, fontsize=7)
+    if title:
+        fig.suptitle(title)
+    _save_figure(fig, path)

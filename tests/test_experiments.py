@@ -86,3 +86,37 @@ def test_baseline_writes_report_and_model(tmp_path):
     assert res["config"]["optimizer"] == "sgd" and res["config"]["learning_rate"] == 1e-3
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2"]
     assert (out / "curves.png").stat().st_size > 0 and "Best validation accuracy" in (out / "report.md").read_text()
+
+
+def test_predictions_trains_normalized_and_raw_models(tmp_path):
+    out = tmp_path / "out"
+    r = run("--data", str(tiny_zip(tmp_path)), "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
+            "--val-size", "20", "--batch-size", "25", "--epochs", "1", "--count", "6", "--no-progress",
+            experiment="predictions")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert {k: v["normalize"] for k, v in res["models"].items()} == {"normalized": True, "raw": False}
+    for name in ("normalized", "raw"):
+        assert (out / f"grid_{name}.png").stat().st_size > 0
+        rows = (out / f"probabilities_{name}.csv").read_text().strip().splitlines()
+        assert len(rows) == 7  # header + 6 images
+        probs = np.array([[float(v) for v in row.split(",")[3:]] for row in rows[1:]])
+        np.testing.assert_allclose(probs.sum(1), 1.0, atol=6e-3)  # rounded to 3 decimals
+    bad = run("--data", str(tmp_path / "tiny.zip"), "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
+              "--checkpoint", str(tmp_path / "nope"), experiment="predictions")
+    assert bad.returncode == 2 and "no checkpoint directory" in bad.stderr
+
+
+def test_dataset_report_counts_and_statistics(tmp_path):
+    out = tmp_path / "out"
+    r = run("--data", str(tiny_zip(tmp_path)), "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
+            "--val-size", "20", "--no-progress", experiment="dataset_report")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["sizes"] == {"train": 100, "validation": 20, "test": 40}
+    assert [sum(c) for c in res["class_counts"].values()] == [100, 40, 20]
+    assert res["class_counts"]["test"] == [4] * 10
+    assert res["normalization_check_train"]["ok"]
+    np.testing.assert_allclose(res["normalization_check_train"]["mean"], 0.0, atol=1e-4)
+    for name in ("class_histograms.png", "examples.png", "examples_normalized.png"):
+        assert (out / name).stat().st_size > 0

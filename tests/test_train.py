@@ -19,6 +19,7 @@ from jaxcifar.train import (
     restore,
     unstack_state,
 )
+from jaxcifar.train.predict import load_trained
 
 FAST = TrainConfig(epochs=2, batch_size=32, val_size=64, learning_rate=0.01, log_every=4, unroll=2,
                    eval_batch_size=64)
@@ -179,3 +180,14 @@ def test_run_groups_checkpoint_and_resume_exactly(tiny, tmp_path):
     assert strip_times(resumed.histories) == strip_times(whole.histories)
     assert resumed.summaries == whole.summaries
     chex.assert_trees_all_equal(resumed.state.params, whole.state.params)
+
+
+def test_load_trained_restores_best_weights_for_prediction(tiny, tmp_path):
+    cfg = FAST.replace(normalize=False)
+    result = fit(cfg, tiny, checkpoint_dir=str(tmp_path / "ck"), progress=False)
+    trained = load_trained(tmp_path / "ck")
+    assert trained.config == cfg and trained.epoch == result.summary["best_epoch"]
+    images = np.asarray(tiny.test.images[:16])
+    expect = jax.jit(result.fns.probabilities)(result.state.best_variables, images)
+    np.testing.assert_allclose(trained.probabilities(images), expect, rtol=1e-6, atol=1e-7)
+    assert result.meta["normalization"] == {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}

@@ -52,6 +52,7 @@ class TrainConfig:
     stratified_split: bool = False
     split_seed: int | None = None  # seed of the train/validation split; None = `seed`
     augment: tuple = ()  # see jaxcifar.data.make_augment
+    normalize: bool = True  # standardize inputs by the training split's channel mean/std; False = raw [0, 1]
     # loop
     epochs: int = 20
     log_every: int = 200  # steps between training-metric log points

@@ -77,14 +77,14 @@ class PreparedData:
 
 def prepare_data(dataset: Dataset, config: TrainConfig) -> PreparedData:
     """Split off validation (seeded by ``config.split_seed``, else ``config.seed``; shared by all vmapped
-    runs), compute the training split's channel mean/std,
-    and put every split on the device as uint8 images and int32 labels."""
+    runs), compute the training split's channel mean/std (zeros/ones when ``config.normalize`` is False: raw
+    [0, 1] input), and put every split on the device as uint8 images and int32 labels."""
     train: Split = dataset.train
     val: Split | None = None
     split_seed = config.seed if config.split_seed is None else config.split_seed
     if config.val_size:
         train, val = train_val_split(dataset.train, config.val_size, split_seed, stratified=config.stratified_split)
-    mean, std = channel_stats(train.images)
+    mean, std = channel_stats(train.images) if config.normalize else (np.zeros(3), np.ones(3))
 
     def put(s: Split | None):
         return None if s is None else (jax.device_put(s.images), jax.device_put(s.labels.astype(np.int32)))
@@ -102,11 +102,18 @@ def resolve_loop(config: TrainConfig) -> tuple[str, int]:
 
 
 def build(config: TrainConfig, data: PreparedData) -> tuple[StepFns, Any, Any]:
-    model = create_model(config.model, data.num_classes, dtype=jnp.dtype(config.dtype), **config.model_kwargs)
-    spe = steps_per_epoch(int(data.train[1].shape[0]), config.batch_size)
+    """``(step functions, optimizer, plateau transform or None)`` for ``config`` on ``data``."""
+    return build_for(config, data.mean, data.std, data.num_classes, int(data.train[1].shape[0]))
+
+
+def build_for(config: TrainConfig, mean: Sequence[float], std: Sequence[float], num_classes: int,
+              train_size: int) -> tuple[StepFns, Any, Any]:
+    """:func:`build` from the figures it needs (e.g. those a checkpoint records) instead of the data."""
+    model = create_model(config.model, num_classes, dtype=jnp.dtype(config.dtype), **config.model_kwargs)
+    spe = steps_per_epoch(train_size, config.batch_size)
     tx = make_optimizer(config, spe)
-    fns = StepFns(model, tx, make_augment(config.augment), jnp.asarray(data.mean), jnp.asarray(data.std),
-                  config.label_smoothing, data.num_classes, jnp.dtype(config.dtype))
+    fns = StepFns(model, tx, make_augment(config.augment), jnp.asarray(mean, jnp.float32),
+                  jnp.asarray(std, jnp.float32), config.label_smoothing, num_classes, jnp.dtype(config.dtype))
     return fns, tx, make_plateau(config)
 
 
@@ -262,6 +269,7 @@ def _fit_group(config, data, fns, plateau_tx, runs, vmapped, strategy, checkpoin
     histories = [_new_history() for _ in runs]
     meta = {"config": config.to_dict(), "runs": runs, "loop": loop, "chunk": chunk, "vmapped": vmapped,
             "run_strategy": strategy, "normalization": {"mean": data.mean, "std": data.std},
+            "num_classes": data.num_classes, "train_size": int(data.train[1].shape[0]),
             "environment": environment()}
     manager = ckpt.checkpoint_manager(checkpoint_dir, config.keep_checkpoints) if checkpoint_dir else None
     if manager is not None and resume and manager.latest_step() is not None:

@@ -1,0 +1,72 @@
+"""Load a trained model from a ``fit`` checkpoint directory and predict class probabilities."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxcifar.errors import CheckpointError
+from jaxcifar.train import checkpoint as ckpt
+from jaxcifar.train.config import TrainConfig
+from jaxcifar.train.loop import build_for, init_state
+from jaxcifar.train.state import stack_states, unstack_state
+from jaxcifar.train.steps import StepFns
+
+
+@dataclass(frozen=True)
+class Trained:
+    """A model restored for inference: its step functions, variables, config and checkpoint metadata."""
+
+    fns: StepFns
+    variables: dict[str, Any]
+    config: TrainConfig
+    meta: dict[str, Any]
+    epoch: int
+
+    def probabilities(self, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+        """Softmax probabilities float32 [N, classes] for uint8 images [N, 32, 32, 3]."""
+        f = jax.jit(self.fns.probabilities)
+        return np.concatenate([np.asarray(f(self.variables, images[i:i + batch_size]))
+                               for i in range(0, len(images), batch_size)])
+
+
+def read_meta(directory: str | Path, step: int) -> dict[str, Any]:
+    manager = ckpt.checkpoint_manager(directory)
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+
+def load_trained(directory: str | Path, which: str | int = "best", run: int = 0,
+                 num_classes: int | None = None) -> Trained:
+    """Restore run ``run`` of the checkpoint ``which`` (``'best'`` weights by validation accuracy from the
+    best checkpoint, ``'latest'``, or an epoch) written by :func:`~jaxcifar.train.fit` into ``directory``.
+    ``num_classes`` is needed only for checkpoints that do not record it."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"no checkpoint directory {directory}: train first or pass the right path")
+    manager = ckpt.checkpoint_manager(directory)
+    step = ckpt.best_step(manager) if which == "best" else manager.latest_step() if which == "latest" else int(which)
+    if step is None:
+        raise CheckpointError(f"{directory} holds no checkpoint: train first or pass the right path")
+    meta = read_meta(directory, step)
+    num_classes = meta.get("num_classes", num_classes)
+    if num_classes is None:
+        raise CheckpointError(f"{directory} does not record its class count: pass num_classes")
+    config = TrainConfig.from_dict(meta["config"])
+    runs = meta["runs"]
+    if not 0 <= run < len(runs):
+        raise CheckpointError(f"run {run} is not in {directory} (it holds {len(runs)} runs): pick 0..{len(runs) - 1}")
+    norm = meta["normalization"]
+    fns, _, plateau_tx = build_for(config, norm["mean"], norm["std"], num_classes,
+                                       meta.get("train_size", config.batch_size))  # size: schedule only
+    states = [init_state(config, fns, plateau_tx, r) for r in runs]
+    target = stack_states(states) if meta["vmapped"] else states[0]
+    state, _ = ckpt.restore(directory, target, step)
+    if meta["vmapped"]:
+        state = unstack_state(state, run)
+    variables = state.best_variables if which == "best" else state.variables
+    return Trained(fns, variables, config, meta, step)
