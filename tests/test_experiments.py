@@ -120,3 +120,45 @@ def test_dataset_report_counts_and_statistics(tmp_path):
     np.testing.assert_allclose(res["normalization_check_train"]["mean"], 0.0, atol=1e-4)
     for name in ("class_histograms.png", "examples.png", "examples_normalized.png"):
         assert (out / name).stat().st_size > 0
+
+
+def test_improved_ablation_table(tmp_path):
+    out = tmp_path / "out"
+    r = run("--data", str(tiny_zip(tmp_path)), "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
+            "--val-size", "20", "--batch-size", "50", "--epochs", "1", "--no-progress",
+            "--only", "full", "no augmentation", experiment="improved")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["variants"]) == ["full", "no augmentation"]
+    full, ablated = (res["variants"][k]["config"] for k in ("full", "no augmentation"))
+    assert full["model_kwargs"]["batch_norm"] and full["optimizer"] == "adamw" and full["augment"]
+    assert ablated["augment"] == [] and {k: v for k, v in ablated.items() if k != "augment"} == \
+        {k: v for k, v in full.items() if k != "augment"}
+    assert "Contribution of each ingredient" in (out / "report.md").read_text()
+    bad = run("--data", str(tmp_path / "tiny.zip"), "--out", str(out), "--only", "nonsense", experiment="improved")
+    assert bad.returncode == 2 and "unknown variant" in bad.stderr
+
+
+def test_cifar100_study_fine_tunes_a_cifar10_body(tmp_path, tiny):
+    from jaxcifar.train import TrainConfig, fit
+
+    pre = tmp_path / "c10"
+    fit(TrainConfig(model="resnet20", epochs=1, batch_size=224, val_size=64), tiny,
+        checkpoint_dir=str(pre), progress=False)
+    src = tmp_path / "c100"
+    write_image_folder(src, {"train": 2, "test": 1}, classes=tuple(f"k{i:02d}" for i in range(100)))
+    out = tmp_path / "out"
+    r = run("--data", str(src), "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--val-size", "20",
+            "--batch-size", "90", "--epochs", "1", "--no-progress", "--resnet", "resnet20", "--pretrained", str(pre),
+            "--only", "convnet", "resnet20 fine-tuned from cifar10", experiment="cifar100_study")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["variants"]["resnet20 fine-tuned from cifar10"]["fine_tuned"]
+    assert not res["variants"]["convnet"]["fine_tuned"]
+    cfg = res["variants"]["convnet"]["config"]
+    assert (cfg["optimizer"], cfg["learning_rate"]) == ("adam", 1e-4)
+    skipped = run("--data", str(src), "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "o2"),
+                  "--val-size", "20", "--batch-size", "90", "--epochs", "1", "--no-progress", "--only", "convnet",
+                  "resnet18 fine-tuned from cifar10", experiment="cifar100_study")
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    assert json.loads((tmp_path / "o2" / "results.json").read_text())["skipped"]

@@ -191,3 +191,14 @@ def test_load_trained_restores_best_weights_for_prediction(tiny, tmp_path):
     expect = jax.jit(result.fns.probabilities)(result.state.best_variables, images)
     np.testing.assert_allclose(trained.probabilities(images), expect, rtol=1e-6, atol=1e-7)
     assert result.meta["normalization"] == {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+
+
+def test_fine_tuning_starts_from_the_trained_body(tiny):
+    trained = fit(FAST.replace(epochs=1), tiny, progress=False).state
+    tuned = fit(FAST.replace(epochs=1, learning_rate=1e-12, seed=5), tiny, progress=False,
+                body={"params": trained.params, "batch_stats": trained.batch_stats})
+    fresh = fit(FAST.replace(epochs=1, learning_rate=1e-12, seed=5), tiny, progress=False)
+    body = {k: v for k, v in tuned.state.params.items() if k != "head"}
+    chex.assert_trees_all_close(body, {k: v for k, v in trained.params.items() if k != "head"}, atol=1e-6)
+    chex.assert_trees_all_close(tuned.state.params["head"], fresh.state.params["head"], atol=1e-6)  # new head
+    assert tuned.meta["fine_tuned"] and not fresh.meta["fine_tuned"]

@@ -150,6 +150,14 @@ def _check_runs(config: TrainConfig, runs: Sequence[dict[str, Any]]) -> None:
         validate_config(config.replace(**{k: v for k, v in r.items() if k != "seed"}))
 
 
+def _with_body(state: TrainState, body: dict[str, Any]) -> TrainState:
+    params = ckpt.load_body(state.params, body["params"])
+    stats = ckpt.load_body(state.batch_stats, body.get("batch_stats", {})) if state.batch_stats else {}
+    fresh = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731  (own buffers: the state is donated)
+    return state.replace(params=fresh(params), batch_stats=fresh(stats), best_params=fresh(params),
+                         best_batch_stats=fresh(stats))
+
+
 def _end_of_epoch(plateau_tx):
     def end(state: TrainState, val_loss, val_acc) -> TrainState:
         improved = val_acc > state.best_val_accuracy
@@ -181,12 +189,15 @@ def fit(
     resume: bool = True,
     progress: bool = True,
     on_epoch_end: Callable[[int, list[dict[str, Any]]], None] | None = None,
+    body: dict[str, Any] | None = None,
 ) -> FitResult:
     """Train ``config`` on ``dataset``; with ``runs`` (a list of per-run overrides, see :data:`RUN_KEYS`)
     train them all at once in one compiled program (``config.run_strategy``), ``config.runs_per_chunk`` runs
     at a time (default: as many as fit in memory). Checkpoints every epoch into ``checkpoint_dir`` (one
     sub-directory per group of runs when there are several groups) and resumes from the latest checkpoint
-    when ``resume``. ``on_epoch_end(epoch, histories)`` is called after each saved epoch.
+    when ``resume``. ``on_epoch_end(epoch, histories)`` is called after each saved epoch. ``body`` (trained
+    ``{"params", "batch_stats"}``, e.g. ``load_trained(dir).variables``) fine-tunes: every module but the
+    classifier ``head`` starts from it.
     """
     validate_config(config)
     vmapped = runs is not None
@@ -207,7 +218,7 @@ def fit(
         done = [h for r in results for h in r.histories]
         hook = on_epoch_end and (lambda e, hs, done=done: on_epoch_end(e, done + hs))
         results.append(_fit_group(config, data, fns, plateau_tx, group_runs, vmapped, strategy, sub, resume,
-                                  progress, hook))
+                                  progress, hook, body))
     meta = {**results[0].meta, "runs": runs, "runs_per_chunk": group, "run_groups": len(groups)}
     return FitResult(config, runs, [h for r in results for h in r.histories],
                      [s for r in results for s in r.summaries], concat_runs([r.state for r in results]), fns,
@@ -253,10 +264,12 @@ def _group_bytes(config, data, fns, plateau_tx, runs, strategy) -> int:
 
 
 def _fit_group(config, data, fns, plateau_tx, runs, vmapped, strategy, checkpoint_dir, resume, progress,
-               on_epoch_end) -> FitResult:
+               on_epoch_end, body) -> FitResult:
     c = _compiled_fns(config, data, fns, plateau_tx, len(runs), vmapped, strategy)
     loop, chunk, spe = c["loop"], c["chunk"], c["spe"]
     states = [init_state(config, fns, plateau_tx, r) for r in runs]
+    if body is not None:
+        states = [_with_body(s, body) for s in states]
     state = stack_states(states) if vmapped else states[0]
     bounds = [(lo, min(lo + chunk, spe)) for lo in range(0, spe, chunk)]
     plans = {name: tuple(map(jnp.asarray, eval_batches(int(split[1].shape[0]), config.eval_batch_size)))
@@ -267,7 +280,8 @@ def _fit_group(config, data, fns, plateau_tx, runs, vmapped, strategy, checkpoin
         return jax.device_get(c[fn](state, split[0], split[1], *plans[name]))
 
     histories = [_new_history() for _ in runs]
-    meta = {"config": config.to_dict(), "runs": runs, "loop": loop, "chunk": chunk, "vmapped": vmapped,
+    meta = {"config": config.to_dict(), "runs": runs, "fine_tuned": body is not None, "loop": loop, "chunk": chunk,
+            "vmapped": vmapped,
             "run_strategy": strategy, "normalization": {"mean": data.mean, "std": data.std},
             "num_classes": data.num_classes, "train_size": int(data.train[1].shape[0]),
             "environment": environment()}
