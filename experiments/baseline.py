@@ -35,8 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     env = result.meta["environment"]
     write_text(out / "report.md", "\n\n".join([
         "# Baseline (classic ConvNet)",
-        f"Data: {data.source}, {len(data.train)} training images ({config.val_size} held out for validation), "
-        f"{len(data.test)} test. SGD lr {config.learning_rate} momentum {config.momentum}, batch "
+        f"{cli.data_line(data, config.val_size)} SGD lr {config.learning_rate} momentum {config.momentum}, batch "
         f"{config.batch_size}, {config.epochs} epochs, seed {config.seed}; backend {env['backend']}, "
         f"jax {env['packages']['jax']}.",
         f"**Best validation accuracy {s['best_val_accuracy']:.4f} at epoch {s['best_epoch']}; test accuracy "

@@ -53,9 +53,9 @@ def main(argv: list[str] | None = None) -> None:
     env = result.meta["environment"]
     write_text(out / "report.md", "\n\n".join([
         "# Dropout sweep (classic ConvNet)",
-        f"Data: {data.source}, {len(data.train)} training images ({config.val_size} held out for validation), "
-        f"{len(data.test)} test. {config.epochs} epochs, SGD lr {config.learning_rate} momentum "
-        f"{config.momentum}, batch {config.batch_size}. All {len(runs)} runs trained at once (vmap), "
+        f"{cli.data_line(data, config.val_size)} {config.epochs} epochs, SGD lr {config.learning_rate} momentum "
+        f"{config.momentum}, batch {config.batch_size}. All {len(runs)} runs trained in one compiled program "
+        f"({result.meta['run_strategy']}, {result.meta['runs_per_chunk']} runs per program), "
         f"backend {env['backend']}, jax {env['packages']['jax']}.",
         table,
         f"**Winner by mean best validation accuracy: p = {winner:g}** "

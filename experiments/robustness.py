@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     env, meta = result.meta["environment"], result.meta
     write_text(out / "report.md", "\n\n".join([
         f"# Robustness over {args.seeds} seeds ({args.recipe} recipe)",
-        f"Data: {data.source}, {len(data.train)} training images ({config.val_size} held out for validation, "
-        f"split seed {args.seed}), {len(data.test)} test. {config.epochs} epochs, batch {config.batch_size}. "
+        f"{cli.data_line(data, config.val_size)} Split seed {args.seed}; {config.epochs} epochs, "
+        f"batch {config.batch_size}. "
         f"All seeds in one compiled program ({meta['run_strategy']}, {meta['runs_per_chunk']} runs per "
         f"program), backend {env['backend']}, jax {env['packages']['jax']}.",
         f"**Test accuracy {t['mean']:.4f} +- {t['std']:.4f} (mean +- std over {t['n']} seeds), 95 % CI "

@@ -47,6 +47,12 @@ def load_data(args: argparse.Namespace) -> Dataset:
     return ds
 
 
+def data_line(data: Dataset, val_size: int | float) -> str:
+    """The report sentence naming the data: source, split sizes."""
+    return (f"Data: {data.source}, {len(data.train)} training images ({val_size} held out for validation), "
+            f"{len(data.test)} test.")
+
+
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """Parse ``argv`` and fill the defaults that depend on ``--quick`` (epochs, validation size)."""
     args = parser.parse_args(argv)

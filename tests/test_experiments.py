@@ -20,6 +20,16 @@ def run(*args, cwd=ROOT, experiment="dropout_sweep"):
                           capture_output=True, text=True, timeout=600)
 
 
+def run_tiny(tmp_path, experiment, *args):
+    """Run ``experiment`` on a generated 10-class zip (120 train / 40 test, 20 held out); return
+    ``(out dir, results.json)``."""
+    out = tmp_path / "out"
+    r = run("--data", str(tiny_zip(tmp_path)), "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
+            "--val-size", "20", "--no-progress", *args, experiment=experiment)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, json.loads((out / "results.json").read_text())
+
+
 def tiny_zip(tmp_path, train=12, test=4):
     src = tmp_path / "src"
     write_image_folder(src, {"train": train, "test": test}, classes=CLASSES)
@@ -60,12 +70,7 @@ def test_bad_data_path_is_one_clear_line(tmp_path):
 
 
 def test_robustness_reports_seed_statistics(tmp_path):
-    out = tmp_path / "out"
-    r = run("--data", str(tiny_zip(tmp_path)), "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
-            "--val-size", "20", "--batch-size", "25", "--epochs", "1", "--seeds", "3", "--no-progress",
-            experiment="robustness")
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads((out / "results.json").read_text())
+    out, res = run_tiny(tmp_path, "robustness", "--batch-size", "25", "--epochs", "1", "--seeds", "3")
     acc = np.array([s["test_accuracy"] for s in res["summaries"]])
     st = res["statistics"]["test_accuracy"]
     assert [run["seed"] for run in res["runs"]] == [0, 1, 2] and st["n"] == 3
@@ -76,11 +81,7 @@ def test_robustness_reports_seed_statistics(tmp_path):
 
 
 def test_baseline_writes_report_and_model(tmp_path):
-    out = tmp_path / "out"
-    r = run("--data", str(tiny_zip(tmp_path)), "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
-            "--val-size", "20", "--batch-size", "25", "--epochs", "2", "--no-progress", experiment="baseline")
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads((out / "results.json").read_text())
+    out, res = run_tiny(tmp_path, "baseline", "--batch-size", "25", "--epochs", "2")
     assert res["history"]["epoch"] == [1, 2] and 1 <= res["summary"]["best_epoch"] <= 2
     assert res["summary"]["best_val_accuracy"] == max(res["history"]["val_accuracy"])
     assert res["config"]["optimizer"] == "sgd" and res["config"]["learning_rate"] == 1e-3
@@ -89,12 +90,7 @@ def test_baseline_writes_report_and_model(tmp_path):
 
 
 def test_predictions_trains_normalized_and_raw_models(tmp_path):
-    out = tmp_path / "out"
-    r = run("--data", str(tiny_zip(tmp_path)), "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
-            "--val-size", "20", "--batch-size", "25", "--epochs", "1", "--count", "6", "--no-progress",
-            experiment="predictions")
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads((out / "results.json").read_text())
+    out, res = run_tiny(tmp_path, "predictions", "--batch-size", "25", "--epochs", "1", "--count", "6")
     assert {k: v["normalize"] for k, v in res["models"].items()} == {"normalized": True, "raw": False}
     for name in ("normalized", "raw"):
         assert (out / f"grid_{name}.png").stat().st_size > 0
@@ -108,11 +104,7 @@ def test_predictions_trains_normalized_and_raw_models(tmp_path):
 
 
 def test_dataset_report_counts_and_statistics(tmp_path):
-    out = tmp_path / "out"
-    r = run("--data", str(tiny_zip(tmp_path)), "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
-            "--val-size", "20", "--no-progress", experiment="dataset_report")
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads((out / "results.json").read_text())
+    out, res = run_tiny(tmp_path, "dataset_report")
     assert res["sizes"] == {"train": 100, "validation": 20, "test": 40}
     assert [sum(c) for c in res["class_counts"].values()] == [100, 40, 20]
     assert res["class_counts"]["test"] == [4] * 10
@@ -123,12 +115,8 @@ def test_dataset_report_counts_and_statistics(tmp_path):
 
 
 def test_improved_ablation_table(tmp_path):
-    out = tmp_path / "out"
-    r = run("--data", str(tiny_zip(tmp_path)), "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
-            "--val-size", "20", "--batch-size", "50", "--epochs", "1", "--no-progress",
-            "--only", "full", "no augmentation", experiment="improved")
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads((out / "results.json").read_text())
+    out, res = run_tiny(tmp_path, "improved", "--batch-size", "50", "--epochs", "1", "--only", "full",
+                        "no augmentation")
     assert list(res["variants"]) == ["full", "no augmentation"]
     full, ablated = (res["variants"][k]["config"] for k in ("full", "no augmentation"))
     assert full["model_kwargs"]["batch_norm"] and full["optimizer"] == "adamw" and full["augment"]
