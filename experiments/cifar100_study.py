@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", nargs="+", metavar="VARIANT", help="train only these variants")
     args = cli.parse(p, argv)
     out = cli.out_dir(args)
-    common = {"epochs": args.epochs, "val_size": args.val_size, "seed": args.seed, "batch_size": args.batch_size}
+    common = {"epochs": args.epochs, "val_size": args.val_size, "seed": args.seed, "batch_size": args.batch_size,
+              "devices": args.devices}
     chosen = variants(common, args.resnet)
     tuned = f"{args.resnet} fine-tuned from cifar10"
     if args.only:

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     args = cli.parse(p, argv)
     out = cli.out_dir(args)
     data = cli.load_data(args)
-    common = {"epochs": args.epochs, "val_size": args.val_size, "seed": args.seed}
+    common = {"epochs": args.epochs, "val_size": args.val_size, "seed": args.seed, "devices": args.devices}
     # --batch-size applies to the recipe's variants; the classic baseline keeps its batch of 32.
     chosen = {k: v if k == "baseline" else v.replace(batch_size=args.batch_size) for k, v in variants(common).items()}
     if args.only:

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
         for normalize in (True, False):
             name = "normalized" if normalize else "raw"
             config = configs.baseline(batch_size=args.batch_size, epochs=args.epochs, val_size=args.val_size,
-                                      seed=args.seed, normalize=normalize)
+                                      seed=args.seed, normalize=normalize, devices=args.devices)
             directory = out / "models" / name
             fit(config, data, checkpoint_dir=str(directory), resume=not args.no_resume,
                 progress=not args.no_progress)

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     extra = {} if args.dropout is None else {"dropout_rate": args.dropout}
     config = RECIPES[args.recipe](batch_size=args.batch_size, epochs=args.epochs, val_size=args.val_size,
                                   seed=args.seed, split_seed=args.seed, run_strategy=args.run_strategy,
-                                  runs_per_chunk=args.runs_per_chunk, **extra)
+                                  runs_per_chunk=args.runs_per_chunk, devices=args.devices, **extra)
     runs = [{"seed": args.seed + k} for k in range(args.seeds)]
     result = fit(config, data, runs=runs, checkpoint_dir=str(out / "checkpoints"), resume=not args.no_resume,
                  progress=not args.no_progress)

@@ -32,6 +32,10 @@ def common_parser(description: str, *, epochs: int, batch_size: int, out: str) -
                    help="a few-minute CPU version: 5000 training / 1000 test images, 3 epochs")
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--devices", type=int, default=None,
+                   help="data-parallel over the first N devices (default: all); the batch must divide by N")
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-host: call jax.distributed.initialize() first (see docs/scaling.md)")
     return p
 
 
@@ -56,6 +60,10 @@ def data_line(data: Dataset, val_size: int | float) -> str:
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """Parse ``argv`` and fill the defaults that depend on ``--quick`` (epochs, validation size)."""
     args = parser.parse_args(argv)
+    if getattr(args, "distributed", False):
+        from jaxcifar.train.parallel import initialize_distributed
+
+        initialize_distributed()
     if args.epochs is None:
         args.epochs = QUICK_EPOCHS if args.quick else args.full_epochs
     if args.val_size is None:

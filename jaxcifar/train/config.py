@@ -64,6 +64,7 @@ class TrainConfig:
     # compiled program; "auto" = loop on CPU (grouped convolutions are slow there), vmap elsewhere.
     run_strategy: str = "auto"
     runs_per_chunk: int | None = None  # runs compiled and trained together; None = as many as fit in memory
+    devices: int | None = None  # data parallelism over the first N devices (all when None); batch must divide
     # checkpoints
     keep_checkpoints: int = 2
 
@@ -97,6 +98,7 @@ def validate_config(c: TrainConfig, train_size: int | None = None) -> None:
     _check(c.run_strategy in RUN_STRATEGIES,
            f"unknown run_strategy {c.run_strategy!r}: use one of {list(RUN_STRATEGIES)}")
     _check(c.runs_per_chunk is None or c.runs_per_chunk >= 1, "runs_per_chunk must be >= 1 or None")
+    _check(c.devices is None or c.devices >= 1, f"devices {c.devices} must be >= 1 or None (all devices)")
     _check(c.loop in LOOPS, f"unknown loop {c.loop!r}: use one of {list(LOOPS)}")
     _check(c.dtype in DTYPES, f"unknown dtype {c.dtype!r}: use one of {list(DTYPES)}")
     _check(0.0 <= c.dropout_rate < 1.0, f"dropout rate {c.dropout_rate} must be in [0, 1): e.g. 0.5")

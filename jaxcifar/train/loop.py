@@ -9,6 +9,7 @@ weight decay), all trained at once in one compiled program.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from jaxcifar.data import Dataset, Split, channel_stats, make_augment, train_val_split
@@ -26,6 +28,8 @@ from jaxcifar.models import create_model
 from jaxcifar.train import checkpoint as ckpt
 from jaxcifar.train.config import TrainConfig, validate_config
 from jaxcifar.train.optim import make_optimizer, make_plateau, unit_schedule
+from jaxcifar.train.parallel import batch_sharding as batch_sharding
+from jaxcifar.train.parallel import check_batch, data_mesh, replicate
 from jaxcifar.train.runs import (
     choose_runs_per_chunk,
     concat_runs,
@@ -101,19 +105,21 @@ def resolve_loop(config: TrainConfig) -> tuple[str, int]:
     return loop, config.unroll
 
 
-def build(config: TrainConfig, data: PreparedData) -> tuple[StepFns, Any, Any]:
-    """``(step functions, optimizer, plateau transform or None)`` for ``config`` on ``data``."""
-    return build_for(config, data.mean, data.std, data.num_classes, int(data.train[1].shape[0]))
+def build(config: TrainConfig, data: PreparedData, mesh: Mesh | None = None) -> tuple[StepFns, Any, Any]:
+    """``(step functions, optimizer, plateau transform or None)`` for ``config`` on ``data``; with a
+    multi-device ``mesh`` the steps split each batch over it."""
+    return build_for(config, data.mean, data.std, data.num_classes, int(data.train[1].shape[0]), mesh)
 
 
 def build_for(config: TrainConfig, mean: Sequence[float], std: Sequence[float], num_classes: int,
-              train_size: int) -> tuple[StepFns, Any, Any]:
+              train_size: int, mesh: Mesh | None = None) -> tuple[StepFns, Any, Any]:
     """:func:`build` from the figures it needs (e.g. those a checkpoint records) instead of the data."""
     model = create_model(config.model, num_classes, dtype=jnp.dtype(config.dtype), **config.model_kwargs)
     spe = steps_per_epoch(train_size, config.batch_size)
     tx = make_optimizer(config, spe)
     fns = StepFns(model, tx, make_augment(config.augment), jnp.asarray(mean, jnp.float32),
-                  jnp.asarray(std, jnp.float32), config.label_smoothing, num_classes, jnp.dtype(config.dtype))
+                  jnp.asarray(std, jnp.float32), config.label_smoothing, num_classes, jnp.dtype(config.dtype),
+                  batch_sharding(mesh) if mesh is not None and mesh.size > 1 else None)
     return fns, tx, make_plateau(config)
 
 
@@ -205,8 +211,13 @@ def fit(
     _check_runs(config, runs)
     data = dataset if isinstance(dataset, PreparedData) else prepare_data(dataset, config)
     validate_config(config, train_size=int(data.train[1].shape[0]))
+    mesh = data_mesh(config.devices)
+    check_batch(config.batch_size, mesh)
+    if mesh.size > 1:  # data parallel: dataset and state replicated, every batch split over the devices
+        data = dataclasses.replace(data, **{k: None if getattr(data, k) is None else replicate(getattr(data, k), mesh)
+                                            for k in ("train", "val", "test")})
     strategy = resolve_strategy(config.run_strategy) if vmapped else "single"
-    fns, _, plateau_tx = build(config, data)
+    fns, _, plateau_tx = build(config, data, mesh)
     group = len(runs) if not vmapped else config.runs_per_chunk or choose_runs_per_chunk(
         len(runs), lambda g: _group_bytes(config, data, fns, plateau_tx, runs[:g], strategy), memory_budget())
     groups = [runs[i:i + group] for i in range(0, len(runs), group)]
@@ -218,8 +229,9 @@ def fit(
         done = [h for r in results for h in r.histories]
         hook = on_epoch_end and (lambda e, hs, done=done: on_epoch_end(e, done + hs))
         results.append(_fit_group(config, data, fns, plateau_tx, group_runs, vmapped, strategy, sub, resume,
-                                  progress, hook, body))
-    meta = {**results[0].meta, "runs": runs, "runs_per_chunk": group, "run_groups": len(groups)}
+                                  progress, hook, body, mesh))
+    meta = {**results[0].meta, "runs": runs, "runs_per_chunk": group, "run_groups": len(groups),
+            "devices": mesh.size}
     return FitResult(config, runs, [h for r in results for h in r.histories],
                      [s for r in results for s in r.summaries], concat_runs([r.state for r in results]), fns,
                      vmapped, meta)
@@ -264,13 +276,15 @@ def _group_bytes(config, data, fns, plateau_tx, runs, strategy) -> int:
 
 
 def _fit_group(config, data, fns, plateau_tx, runs, vmapped, strategy, checkpoint_dir, resume, progress,
-               on_epoch_end, body) -> FitResult:
+               on_epoch_end, body, mesh) -> FitResult:
     c = _compiled_fns(config, data, fns, plateau_tx, len(runs), vmapped, strategy)
     loop, chunk, spe = c["loop"], c["chunk"], c["spe"]
     states = [init_state(config, fns, plateau_tx, r) for r in runs]
     if body is not None:
         states = [_with_body(s, body) for s in states]
     state = stack_states(states) if vmapped else states[0]
+    if mesh.size > 1:
+        state = replicate(state, mesh)
     bounds = [(lo, min(lo + chunk, spe)) for lo in range(0, spe, chunk)]
     plans = {name: tuple(map(jnp.asarray, eval_batches(int(split[1].shape[0]), config.eval_batch_size)))
              for name, split in (("val", data.val), ("test", data.test)) if split is not None}
@@ -374,7 +388,7 @@ def _append_epoch(h, epoch, spe, log_every, train_m, r, val_loss, val_acc, lr, s
 
 def _check_resumable(saved: dict[str, Any], meta: dict[str, Any], directory: str) -> None:
     ignore = {"epochs", "early_stopping_patience", "keep_checkpoints", "log_every", "run_strategy",
-              "runs_per_chunk"}
+              "runs_per_chunk", "devices"}
     old = {k: v for k, v in saved["config"].items() if k not in ignore}
     new = {k: v for k, v in meta["config"].items() if k not in ignore}
     if _jsonable(old) != _jsonable(new) or _jsonable(saved["runs"]) != _jsonable(meta["runs"]):

@@ -36,6 +36,15 @@ class StepFns:
     label_smoothing: float
     num_classes: int
     compute_dtype: Any
+    batch_sharding: Any = None  # NamedSharding of a batch over the data-parallel mesh; None on one device
+
+    def shard_batch(self, *arrays: jax.Array) -> tuple[jax.Array, ...]:
+        """Constrain batch arrays to be split over the devices (data parallelism); a no-op on one device or
+        for a batch that does not divide evenly (evaluation's last batch is then replicated)."""
+        s = self.batch_sharding
+        if s is None or arrays[0].shape[0] % s.mesh.size:
+            return arrays
+        return tuple(jax.lax.with_sharding_constraint(a, s) for a in arrays)
 
     def loss(self, logits: jax.Array, labels: jax.Array) -> jax.Array:
         targets = jax.nn.one_hot(labels, self.num_classes)
@@ -44,7 +53,7 @@ class StepFns:
         return optax.softmax_cross_entropy(logits, targets)
 
     def train_step(self, state: TrainState, batch: tuple[jax.Array, jax.Array], key: jax.Array):
-        images, labels = batch
+        images, labels = self.shard_batch(*batch)
         aug_key, drop_key = jax.random.split(key)
         x = normalize(self.augment(aug_key, images), self.mean, self.std, self.compute_dtype)
         has_bn = bool(jax.tree.leaves(state.batch_stats))
@@ -67,6 +76,7 @@ class StepFns:
 
     def eval_step(self, variables, images: jax.Array, labels: jax.Array, weight: jax.Array) -> Metrics:
         """Sums over the batch of weighted loss and correct predictions (weight 0 marks padding)."""
+        images, labels, weight = self.shard_batch(images, labels, weight)
         logits = self.model.apply(variables, normalize(images, self.mean, self.std, self.compute_dtype))
         return {
             "loss": (self.loss(logits, labels) * weight).sum(),
