@@ -68,7 +68,7 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
         args.epochs = QUICK_EPOCHS if args.quick else args.full_epochs
     if args.val_size is None:
         args.val_size = 500 if args.quick else 1000
-    elif args.val_size >= 1:
+    elif args.val_size >= 1 or args.val_size == 0:
         args.val_size = int(args.val_size)
     return args
 

@@ -73,10 +73,11 @@ class Conv(nn.Module):
     padding: str | int = "VALID"
     use_bias: bool = True
     dtype: Any = jnp.float32
+    kernel_init: Any = nn.initializers.lecun_normal()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+        kernel = self.param("kernel", self.kernel_init,
                             (*self.kernel_size, x.shape[-1], self.features), jnp.float32)
         pad = self.padding if isinstance(self.padding, str) else [(self.padding, self.padding)] * 2
         y = jax.lax.conv_general_dilated(x.astype(self.dtype), kernel.astype(self.dtype),
@@ -90,7 +91,8 @@ class Conv(nn.Module):
 
 class BatchNorm(nn.Module):
     """Batch normalization over every axis but the last; variables as in ``nn.BatchNorm`` (params ``scale``,
-    ``bias``; batch_stats ``mean``, ``var``), statistics reduced with :func:`channel_sum`.
+    ``bias``; batch_stats ``mean``, ``var``), statistics reduced with :func:`channel_sum`. ``use_scale=False``
+    drops ``scale`` (fixed at 1), as ``nn.BatchNorm`` does.
 
     In training the batch mean/variance normalize ``x`` and the running averages move by
     ``1 - momentum``; otherwise the running averages are used.
@@ -99,12 +101,13 @@ class BatchNorm(nn.Module):
     use_running_average: bool = False
     momentum: float = 0.9
     epsilon: float = 1e-5
+    use_scale: bool = True
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32) if self.use_scale else 1.0
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
         ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)

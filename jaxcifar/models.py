@@ -1,4 +1,5 @@
-"""Flax ``linen`` models for CIFAR: MLP, the classic ConvNet, and ResNets (18 with a CIFAR stem, 20, 56).
+"""Flax ``linen`` models for CIFAR: MLP, the classic ConvNet, ResNets (18 with a CIFAR stem, 20, 56) and the
+speedrun net (airbench class).
 
 Every model maps float NHWC images [N, 32, 32, 3] to logits [N, num_classes] (softmax lives in the loss),
 takes ``train`` (dropout and batch-norm mode) and an optional traced ``dropout_rate`` that overrides the
@@ -8,6 +9,7 @@ body trained on CIFAR-10 can be loaded under a new CIFAR-100 head.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -160,6 +162,76 @@ class ResNet(nn.Module):
         return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
 
 
+def torch_uniform(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+    """PyTorch's default conv/linear init: uniform in +-1/sqrt(fan_in) (fan_in = all axes but the last)."""
+    fan_in = math.prod(shape[:-1])
+    return jax.random.uniform(key, shape, dtype, -1.0 / math.sqrt(fan_in), 1.0 / math.sqrt(fan_in))
+
+
+def partial_identity(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+    """HWIO conv kernel from :func:`torch_uniform` whose first ``min(I, O)`` output channels are replaced by
+    the identity (a centred 1 on their own input channel): a fresh conv starts by passing its input on."""
+    kh, kw, cin, cout = shape
+    n = min(cin, cout)
+    eye = jnp.zeros((kh, kw, cin, n), dtype).at[kh // 2, kw // 2, :n, :n].set(jnp.eye(n, dtype=dtype))
+    return torch_uniform(key, shape, dtype).at[..., :n].set(eye)
+
+
+def patch_whitening_kernel(images: jax.Array, size: int = 2, eps: float = 5e-4) -> jax.Array:
+    """HWIO kernel float32 [size, size, C, 2 * size * size * C] that whitens ``size`` x ``size`` patches of
+    ``images`` (float [N, H, W, C], normalized): the eigenvectors of the (uncentred) patch covariance scaled by
+    1/sqrt(eigenvalue + eps), largest first, followed by their negatives."""
+    n, h, w, c = images.shape
+    x = images.astype(jnp.float32)
+    patches = jnp.concatenate([x[:, i:h - size + 1 + i, j:w - size + 1 + j] for i in range(size)
+                               for j in range(size)], axis=-1)  # [N, h', w', size*size*C], (i, j, c) order
+    flat = patches.reshape(-1, size * size * c)
+    eigenvalues, eigenvectors = jnp.linalg.eigh(flat.T @ flat / flat.shape[0])
+    scaled = eigenvectors[:, ::-1] / jnp.sqrt(eigenvalues[::-1] + eps)
+    return jnp.concatenate([scaled, -scaled], axis=1).reshape(size, size, c, -1)
+
+
+class SpeedrunNet(nn.Module):
+    """The airbench class of fast CIFAR-10 net: a frozen 2x2 patch-whitening conv (trainable bias), GELU,
+    then per width a block conv3x3-maxpool-BN-GELU-conv3x3-BN-GELU (widths 64/256/256; 31 -> 15 -> 7 -> 3),
+    global max-pooling and a bias-free classifier scaled by ``logit_scale``. Batch norm has no scale and a fast
+    running average (``momentum=0.4`` here is PyTorch's 0.6); convs start as partial identities.
+    ``init_from_data`` sets the whitening kernel from training images (``fit`` calls it)."""
+
+    num_classes: int = 10
+    widths: Sequence[int] = (64, 256, 256)
+    whiten_size: int = 2
+    bn_momentum: float = 0.4
+    bn_epsilon: float = 1e-12
+    logit_scale: float = 1 / 9
+    activation: str = "gelu"
+    dropout_rate: float = 0.0  # before the classifier; the recipe uses none
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, dropout_rate=None):
+        act = activation(self.activation)
+        rate = self.dropout_rate if dropout_rate is None else dropout_rate
+        k = self.whiten_size
+        x = act(Conv(2 * k * k * x.shape[-1], (k, k), use_bias=True, dtype=self.dtype, name="whiten")(x))
+        for b, width in enumerate(self.widths):
+            for c in range(2):
+                x = Conv(width, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype,
+                         kernel_init=partial_identity, name=f"block{b}_conv{c}")(x)
+                if c == 0:
+                    x = max_pool_2x2(x)
+                x = act(BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+                                  use_scale=False, dtype=self.dtype, name=f"block{b}_bn{c}")(x))
+        x = Dropout(name="drop")(x.max(axis=(1, 2)), rate, train)
+        head = nn.Dense(self.num_classes, use_bias=False, dtype=self.dtype, kernel_init=torch_uniform, name="head")
+        return (head(x) * self.logit_scale).astype(jnp.float32)
+
+    def init_from_data(self, params: dict[str, Any], images: jax.Array) -> dict[str, Any]:
+        """``params`` with the whitening kernel computed from normalized training images float [N, 32, 32, 3]."""
+        kernel = patch_whitening_kernel(images, self.whiten_size)
+        return {**params, "whiten": {**params["whiten"], "kernel": kernel}}
+
+
 def resnet18(**kw) -> ResNet:
     return ResNet(stages=((2, 64), (2, 128), (2, 256), (2, 512)), **kw)
 
@@ -178,6 +250,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": resnet18,
     "resnet20": resnet20,
     "resnet56": resnet56,
+    "speedrun": SpeedrunNet,
 }
 
 

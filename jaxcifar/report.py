@@ -179,3 +179,18 @@ def plot_image_row(images: np.ndarray, titles: Sequence[str], path: Path, title:
     if title:
         fig.suptitle(title)
     _save_figure(fig, path)
+
+
+def plot_bars(values: Sequence[float], labels: Sequence[str], path: Path, xlabel: str = "", ylabel: str = "",
+              title: str = "") -> None:
+    """One bar per value with its figure on top, and the mean as a dashed line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(values) + 2), 4))
+    bars = ax.bar(range(len(values)), values, tick_label=list(labels))
+    ax.bar_label(bars, fmt="%.4f", fontsize=7)
+    ax.axhline(float(np.mean(values)), ls="--", color="gray", label=f"mean {np.mean(values):.4f}")
+    low = min(values)
+    ax.set_ylim(max(0.0, low - 0.1 * (max(values) - low + 0.01) - 0.01), None)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.legend()
+    _save_figure(fig, path)

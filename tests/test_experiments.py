@@ -150,3 +150,25 @@ def test_cifar100_study_fine_tunes_a_cifar10_body(tmp_path, tiny):
                   "resnet18 fine-tuned from cifar10", experiment="cifar100_study")
     assert skipped.returncode == 0, skipped.stderr[-3000:]
     assert json.loads((tmp_path / "o2" / "results.json").read_text())["skipped"]
+
+
+def test_speedrun_reports_runs_and_resumes(tmp_path):
+    out, res = run_tiny(tmp_path, "speedrun", "--batch-size", "25", "--epochs", "1", "--runs", "2", "--val-size", "0")
+    assert [r["seed"] for r in res["runs"]] == [0, 1] and res["train_size"] == 120
+    assert res["config"]["model"] == "speedrun" and res["config"]["tta"] == 2
+    assert res["statistics"]["n"] == 2 and all(r["train_seconds"] > 0 for r in res["runs"])
+    assert res["statistics"]["mean"] == pytest.approx(np.mean([r["test_accuracy"] for r in res["runs"]]))
+    assert res["histories"][0]["train_loss"] != res["histories"][1]["train_loss"]
+    for name in ("report.md", "accuracy.png", "curves.png"):
+        assert (out / name).stat().st_size > 0
+    # A third run resumes the series: the first two are kept, not trained again.
+    r = run("--data", str(tmp_path / "tiny.zip"), "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
+            "--batch-size", "25", "--epochs", "1", "--runs", "3", "--val-size", "0", "--no-progress",
+            experiment="speedrun")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res3 = json.loads((out / "results.json").read_text())
+    assert res3["runs"][:2] == res["runs"] and "run 1/3" not in r.stdout and "run 3/3" in r.stdout
+    # A different recipe in the same directory is refused with one clear line.
+    bad = run("--data", str(tmp_path / "tiny.zip"), "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
+              "--batch-size", "20", "--epochs", "1", "--runs", "3", "--val-size", "0", experiment="speedrun")
+    assert bad.returncode == 2 and "different config" in bad.stderr and bad.stderr.strip().count("\n") == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +13,8 @@ from jaxcifar.errors import ConfigError
 from jaxcifar.models import ACTIVATIONS, MODELS
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("constant", "step", "cosine", "warmup_cosine", "onecycle")
+SCHEDULES = ("constant", "step", "cosine", "warmup_cosine", "onecycle", "triangular")
+RULE_KEYS = ("lr_scale", "train_epochs")
 LOOPS = ("auto", "scan", "unrolled")
 RUN_STRATEGIES = ("auto", "vmap", "loop")
 DTYPES = ("float32", "bfloat16")
@@ -38,11 +40,18 @@ class TrainConfig:
     b2: float = 0.999
     grad_clip_norm: float | None = None
     label_smoothing: float = 0.0
+    # Per-parameter rules, first match wins: (regex on the "/"-joined path such as "block0/bn1/bias",
+    # {"lr_scale": gradient multiplier, "train_epochs": epochs before the parameter freezes, 0 = never trained})
+    param_rules: tuple = ()
+    lookahead_every: int | None = None  # lookahead: pull the weights to a slow average every k steps (None = off)
+    lookahead_decay: float = 0.95**5  # the slow average's decay at the end; it ramps up as (step / total)^3
     # schedule
     schedule: str = "constant"
     warmup_epochs: float = 0.0
     step_epochs: tuple[int, ...] = ()  # "step": multiply by step_factor at these epochs
     step_factor: float = 0.1
+    lr_start_factor: float = 0.0  # "triangular": lr x this at step 0, linear up to lr at `warmup_epochs`,
+    lr_end_factor: float = 0.0  # then linear down to lr x this at the end
     plateau_patience: int | None = None  # reduce-on-plateau of the validation loss (epochs); None = off
     plateau_factor: float = 0.1
     # data
@@ -53,6 +62,7 @@ class TrainConfig:
     split_seed: int | None = None  # seed of the train/validation split; None = `seed`
     augment: tuple = ()  # see jaxcifar.data.make_augment
     normalize: bool = True  # standardize inputs by the training split's channel mean/std; False = raw [0, 1]
+    tta: int = 0  # test-time augmentation in evaluation: 0 none, 1 mirror, 2 mirror and 1-pixel shifts
     # loop
     epochs: int = 20
     log_every: int = 200  # steps between training-metric log points
@@ -77,7 +87,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         d = dict(d)
-        for k in ("step_epochs", "augment"):
+        for k in ("step_epochs", "augment", "param_rules"):
             if k in d:
                 d[k] = tuple(tuple(x) if isinstance(x, list) else x for x in d[k])
         return cls(**d)
@@ -117,9 +127,28 @@ def validate_config(c: TrainConfig, train_size: int | None = None) -> None:
     _check(c.plateau_patience is None or c.plateau_patience >= 1, "plateau_patience must be >= 1 or None")
     _check(0 < c.plateau_factor < 1, f"plateau_factor {c.plateau_factor} must be in (0, 1)")
     _check(c.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
+    _check(c.tta in (0, 1, 2), f"tta {c.tta} must be 0 (none), 1 (mirror) or 2 (mirror and shifts)")
+    _check(c.lookahead_every is None or c.lookahead_every >= 1, "lookahead_every must be >= 1 or None")
+    _check(0.0 <= c.lookahead_decay < 1.0, f"lookahead_decay {c.lookahead_decay} must be in [0, 1)")
+    _check(c.lr_start_factor >= 0 and c.lr_end_factor >= 0, "lr_start_factor and lr_end_factor must be >= 0")
+    for rule in c.param_rules:
+        _check_rule(rule)
     for item in c.augment:
         name = item if isinstance(item, str) else item[0]
         _check(name in AUGMENTATIONS, f"unknown augmentation {name!r}: use one of {sorted(AUGMENTATIONS)}")
     if train_size is not None:
         _check(c.batch_size <= train_size,
                f"batch size {c.batch_size} is larger than the training split ({train_size}): lower --batch-size")
+
+
+def _check_rule(rule: Any) -> None:
+    ok = isinstance(rule, tuple | list) and len(rule) == 2 and isinstance(rule[0], str) and isinstance(rule[1], dict)
+    _check(ok, f"param rule {rule!r} must be (regex, {{'lr_scale': x, 'train_epochs': n}})")
+    try:
+        re.compile(rule[0])
+    except re.error as e:
+        raise ConfigError(f"param rule pattern {rule[0]!r} is not a regular expression ({e}): fix the pattern") from e
+    unknown = set(rule[1]) - set(RULE_KEYS)
+    _check(not unknown, f"param rule {rule[0]!r} has unknown keys {sorted(unknown)}: use {list(RULE_KEYS)}")
+    _check(rule[1].get("lr_scale", 1.0) >= 0, f"param rule {rule[0]!r}: lr_scale must be >= 0")
+    _check(rule[1].get("train_epochs", 0) >= 0, f"param rule {rule[0]!r}: train_epochs must be >= 0")

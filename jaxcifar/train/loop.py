@@ -10,6 +10,7 @@ weight decay), all trained at once in one compiled program.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,14 +22,12 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from jaxcifar.data import Dataset, Split, channel_stats, make_augment, train_val_split
+from jaxcifar.data import Dataset
 from jaxcifar.data.batching import epoch_batches, eval_batches, steps_per_epoch
 from jaxcifar.errors import ConfigError, TrainingError
-from jaxcifar.models import create_model
 from jaxcifar.train import checkpoint as ckpt
 from jaxcifar.train.config import TrainConfig, validate_config
-from jaxcifar.train.optim import make_optimizer, make_plateau, unit_schedule
-from jaxcifar.train.parallel import batch_sharding as batch_sharding
+from jaxcifar.train.optim import unit_schedule
 from jaxcifar.train.parallel import check_batch, data_mesh, replicate
 from jaxcifar.train.runs import (
     choose_runs_per_chunk,
@@ -38,9 +37,12 @@ from jaxcifar.train.runs import (
     program_bytes,
     resolve_strategy,
 )
+from jaxcifar.train.setup import PreparedData, build, init_state, prepare_data, resolve_loop, with_body
 from jaxcifar.train.state import DATA_STREAM, TrainState, learning_rate, stack_states
 from jaxcifar.train.steps import StepFns, make_chunk_runner, make_evaluator
 from jaxcifar.versions import environment
+
+__all__ = ["RUN_KEYS", "FitResult", "PreparedData", "build", "fit", "init_state", "prepare_data"]
 
 RUN_KEYS = ("seed", "dropout_rate", "learning_rate", "weight_decay")
 
@@ -67,85 +69,6 @@ class FitResult:
         return self.summaries[0]
 
 
-@dataclass(frozen=True)
-class PreparedData:
-    """The training, validation and test splits as device arrays, with normalization statistics."""
-
-    train: tuple[jax.Array, jax.Array]
-    val: tuple[jax.Array, jax.Array] | None
-    test: tuple[jax.Array, jax.Array]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    num_classes: int
-
-
-def prepare_data(dataset: Dataset, config: TrainConfig) -> PreparedData:
-    """Split off validation (seeded by ``config.split_seed``, else ``config.seed``; shared by all vmapped
-    runs), compute the training split's channel mean/std (zeros/ones when ``config.normalize`` is False: raw
-    [0, 1] input), and put every split on the device as uint8 images and int32 labels."""
-    train: Split = dataset.train
-    val: Split | None = None
-    split_seed = config.seed if config.split_seed is None else config.split_seed
-    if config.val_size:
-        train, val = train_val_split(dataset.train, config.val_size, split_seed, stratified=config.stratified_split)
-    mean, std = channel_stats(train.images) if config.normalize else (np.zeros(3), np.ones(3))
-
-    def put(s: Split | None):
-        return None if s is None else (jax.device_put(s.images), jax.device_put(s.labels.astype(np.int32)))
-
-    return PreparedData(put(train), put(val), put(dataset.test), tuple(map(float, mean)), tuple(map(float, std)),
-                        dataset.num_classes)
-
-
-def resolve_loop(config: TrainConfig) -> tuple[str, int]:
-    """``(loop, chunk)``: CPU gets unrolled chunks, accelerators the rolled whole-epoch scan."""
-    loop = config.loop
-    if loop == "auto":
-        loop = "unrolled" if jax.default_backend() == "cpu" else "scan"
-    return loop, config.unroll
-
-
-def build(config: TrainConfig, data: PreparedData, mesh: Mesh | None = None) -> tuple[StepFns, Any, Any]:
-    """``(step functions, optimizer, plateau transform or None)`` for ``config`` on ``data``; with a
-    multi-device ``mesh`` the steps split each batch over it."""
-    return build_for(config, data.mean, data.std, data.num_classes, int(data.train[1].shape[0]), mesh)
-
-
-def build_for(config: TrainConfig, mean: Sequence[float], std: Sequence[float], num_classes: int,
-              train_size: int, mesh: Mesh | None = None) -> tuple[StepFns, Any, Any]:
-    """:func:`build` from the figures it needs (e.g. those a checkpoint records) instead of the data."""
-    model = create_model(config.model, num_classes, dtype=jnp.dtype(config.dtype), **config.model_kwargs)
-    spe = steps_per_epoch(train_size, config.batch_size)
-    tx = make_optimizer(config, spe)
-    fns = StepFns(model, tx, make_augment(config.augment), jnp.asarray(mean, jnp.float32),
-                  jnp.asarray(std, jnp.float32), config.label_smoothing, num_classes, jnp.dtype(config.dtype),
-                  batch_sharding(mesh) if mesh is not None and mesh.size > 1 else None)
-    return fns, tx, make_plateau(config)
-
-
-def init_state(config: TrainConfig, fns: StepFns, plateau_tx, run: dict[str, Any]) -> TrainState:
-    """A fresh single-run state; ``run`` overrides ``seed``, ``dropout_rate``, ``learning_rate``,
-    ``weight_decay``."""
-    seed = int(run.get("seed", config.seed))
-    init_key, rng = jax.random.split(jax.random.PRNGKey(seed))
-    variables = fns.model.init({"params": init_key, "dropout": init_key}, jnp.zeros((1, 32, 32, 3)), train=False)
-    params, batch_stats = variables["params"], variables.get("batch_stats", {})
-    opt_state = fns.tx.init(params)
-    hyper = dict(opt_state.hyperparams)
-    for k in ("learning_rate", "weight_decay"):
-        hyper[k] = jnp.asarray(run.get(k, getattr(config, k)), jnp.float32)
-    opt_state = opt_state._replace(hyperparams=hyper)
-    return TrainState(
-        params=params, batch_stats=batch_stats, opt_state=opt_state,
-        plateau=plateau_tx.init(params) if plateau_tx is not None else (),
-        step=jnp.zeros((), jnp.int32), rng=rng,
-        dropout_rate=jnp.asarray(run.get("dropout_rate", config.dropout_rate), jnp.float32),
-        best_params=jax.tree.map(jnp.copy, params), best_batch_stats=jax.tree.map(jnp.copy, batch_stats),
-        best_val_accuracy=jnp.asarray(-1.0, jnp.float32),
-        best_epoch=jnp.zeros((), jnp.int32), epoch=jnp.zeros((), jnp.int32),
-    )
-
-
 def _check_runs(config: TrainConfig, runs: Sequence[dict[str, Any]]) -> None:
     if not runs:
         raise ConfigError("runs is empty: give at least one run, or runs=None for a single run")
@@ -154,14 +77,6 @@ def _check_runs(config: TrainConfig, runs: Sequence[dict[str, Any]]) -> None:
         if unknown:
             raise ConfigError(f"run axis {sorted(unknown)} is not supported: vary only {list(RUN_KEYS)}")
         validate_config(config.replace(**{k: v for k, v in r.items() if k != "seed"}))
-
-
-def _with_body(state: TrainState, body: dict[str, Any]) -> TrainState:
-    params = ckpt.load_body(state.params, body["params"])
-    stats = ckpt.load_body(state.batch_stats, body.get("batch_stats", {})) if state.batch_stats else {}
-    fresh = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731  (own buffers: the state is donated)
-    return state.replace(params=fresh(params), batch_stats=fresh(stats), best_params=fresh(params),
-                         best_batch_stats=fresh(stats))
 
 
 def _end_of_epoch(plateau_tx):
@@ -217,7 +132,8 @@ def fit(
         data = dataclasses.replace(data, **{k: None if getattr(data, k) is None else replicate(getattr(data, k), mesh)
                                             for k in ("train", "val", "test")})
     strategy = resolve_strategy(config.run_strategy) if vmapped else "single"
-    fns, _, plateau_tx = build(config, data, mesh)
+    key = _program_key(config, data, mesh)
+    fns, _, plateau_tx = _cached(("build", key), lambda: build(config, data, mesh))
     group = len(runs) if not vmapped else config.runs_per_chunk or choose_runs_per_chunk(
         len(runs), lambda g: _group_bytes(config, data, fns, plateau_tx, runs[:g], strategy), memory_budget())
     groups = [runs[i:i + group] for i in range(0, len(runs), group)]
@@ -237,9 +153,40 @@ def fit(
                      vmapped, meta)
 
 
+_NOT_IN_PROGRAM = ("seed", "split_seed", "keep_checkpoints", "early_stopping_patience", "log_every",
+                   "runs_per_chunk")  # config fields the compiled programs do not depend on
+_PROGRAMS: dict[Any, Any] = {}  # program key -> built/jitted functions (insertion-ordered, oldest dropped)
+
+
+def _cached(key: Any, make: Callable[[], Any], size: int = 16) -> Any:
+    """``make()`` once per ``key``: a second ``fit`` of the same program reuses the traced and compiled
+    functions instead of compiling again (what a timed series of runs needs)."""
+    if key not in _PROGRAMS:
+        if len(_PROGRAMS) >= size:
+            _PROGRAMS.pop(next(iter(_PROGRAMS)))
+        _PROGRAMS[key] = make()
+    return _PROGRAMS[key]
+
+
+def _program_key(config: TrainConfig, data: PreparedData, mesh: Mesh) -> tuple:
+    """Everything the compiled programs depend on (the data only through its shapes and statistics)."""
+    program = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_PROGRAM}
+    return (json.dumps(program, sort_keys=True, default=str), data.mean, data.std, data.num_classes,
+            int(data.train[1].shape[0]), data.val is not None and int(data.val[1].shape[0]),
+            int(data.test[1].shape[0]), tuple(d.id for d in mesh.devices.flat), jax.default_backend())
+
+
 def _compiled_fns(config: TrainConfig, data: PreparedData, fns: StepFns, plateau_tx, n_runs: int, vmapped: bool,
                   strategy: str) -> dict[str, Any]:
-    """The jitted pieces of one epoch for a group of ``n_runs`` runs (a plain single run if not ``vmapped``)."""
+    """The jitted pieces of one epoch for a group of ``n_runs`` runs (a plain single run if not ``vmapped``),
+    built once per program (see :func:`_cached`)."""
+    mesh = data_mesh(config.devices)
+    key = ("fns", _program_key(config, data, mesh), n_runs, vmapped, strategy)
+    return _cached(key, lambda: _make_compiled_fns(config, data, fns, plateau_tx, n_runs, vmapped, strategy))
+
+
+def _make_compiled_fns(config: TrainConfig, data: PreparedData, fns: StepFns, plateau_tx, n_runs: int,
+                       vmapped: bool, strategy: str) -> dict[str, Any]:
     n_train = int(data.train[1].shape[0])
     spe = steps_per_epoch(n_train, config.batch_size)
     loop, chunk = resolve_loop(config)
@@ -275,13 +222,28 @@ def _group_bytes(config, data, fns, plateau_tx, runs, strategy) -> int:
     return program_bytes(c["run_chunk"].lower(state, *data.train, index).compile())
 
 
+def _precompile(c: dict[str, Any], state: TrainState, data: PreparedData, bounds, plans, n_runs: int | None):
+    """Compile every jitted piece of an epoch ahead of time (``jit`` then serves the calls from its cache),
+    so epoch times measure training alone and ``meta['compile_seconds']`` the compilation."""
+    index = c["epoch_order"](state.rng, 1)
+    for length in sorted({hi - lo for lo, hi in bounds}):
+        c["run_chunk"].lower(state, *data.train, index[..., :length, :]).compile()
+    for name, split in (("val", data.val), ("test", data.test)):
+        if split is not None:
+            c["evaluate"].lower(state, *split, *plans[name]).compile()
+    c["evaluate_best"].lower(state, *data.test, *plans["test"]).compile()
+    per_run = jnp.zeros(() if n_runs is None else (n_runs,), jnp.float32)
+    c["end_epoch"].lower(state, per_run, per_run).compile()
+    c["current_lr"].lower(state).compile()
+
+
 def _fit_group(config, data, fns, plateau_tx, runs, vmapped, strategy, checkpoint_dir, resume, progress,
                on_epoch_end, body, mesh) -> FitResult:
     c = _compiled_fns(config, data, fns, plateau_tx, len(runs), vmapped, strategy)
     loop, chunk, spe = c["loop"], c["chunk"], c["spe"]
-    states = [init_state(config, fns, plateau_tx, r) for r in runs]
+    states = [init_state(config, fns, plateau_tx, r, data.train[0]) for r in runs]
     if body is not None:
-        states = [_with_body(s, body) for s in states]
+        states = [with_body(s, body) for s in states]
     state = stack_states(states) if vmapped else states[0]
     if mesh.size > 1:
         state = replicate(state, mesh)
@@ -306,7 +268,10 @@ def _fit_group(config, data, fns, plateau_tx, runs, vmapped, strategy, checkpoin
         histories = saved["histories"]
     start_epoch = int(np.max(jax.device_get(state.epoch)))
 
-    compile_seconds = None
+    t0 = time.perf_counter()
+    if start_epoch < config.epochs:
+        _precompile(c, state, data, bounds, plans, len(runs) if vmapped else None)
+    compile_seconds = time.perf_counter() - t0
     for epoch in range(start_epoch + 1, config.epochs + 1):
         t0 = time.perf_counter()
         order_idx = c["epoch_order"](state.rng, epoch)
@@ -316,9 +281,6 @@ def _fit_group(config, data, fns, plateau_tx, runs, vmapped, strategy, checkpoin
         for lo, done in bounds:
             state, m = c["run_chunk"](state, data.train[0], data.train[1], order_idx[..., lo:done, :])
             chunk_metrics.append(m)
-            if compile_seconds is None:
-                jax.block_until_ready(m)
-                compile_seconds = time.perf_counter() - t0
             bar.update(done - bar.n)
             if done >= next_log or done == spe:  # metrics come back once per logging interval
                 last = jax.device_get(m)
@@ -355,11 +317,12 @@ def _fit_group(config, data, fns, plateau_tx, runs, vmapped, strategy, checkpoin
         if config.early_stopping_patience and np.all(epoch - best_epochs >= config.early_stopping_patience):
             break
 
-    test_best = eval_split("evaluate_best", "test")
-    test_final = eval_split("evaluate", "test")
-    summaries = []
     best_acc = np.asarray(jax.device_get(state.best_val_accuracy)).reshape(len(runs))
     best_ep = np.asarray(jax.device_get(state.best_epoch)).reshape(len(runs))
+    test_final = eval_split("evaluate", "test")  # best == last weights when every run's best is its last epoch
+    last = np.asarray(jax.device_get(state.epoch)).reshape(len(runs))
+    test_best = test_final if np.array_equal(best_ep, last) else eval_split("evaluate_best", "test")
+    summaries = []
     for r in range(len(runs)):
         pick = lambda m, k: float(np.asarray(m[k]).reshape(len(runs))[r])  # noqa: E731, B023
         summaries.append({

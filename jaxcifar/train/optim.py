@@ -7,11 +7,15 @@ values in one program. Schedules are unit-peak multipliers of that learning rate
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import optax
 
+from jaxcifar.errors import ConfigError
 from jaxcifar.train.config import TrainConfig
 
 
@@ -30,6 +34,11 @@ def unit_schedule(c: TrainConfig, steps_per_epoch: int) -> Callable[[jnp.ndarray
     elif c.schedule == "warmup_cosine":
         base = optax.warmup_cosine_decay_schedule(0.0, 1.0, max(1, warmup), total)
         warmup = 0
+    elif c.schedule == "triangular":  # linear up to the peak at warmup_epochs, then linear down
+        peak = min(max(1, warmup), total - 1) if total > 1 else 1
+        base = optax.join_schedules([optax.linear_schedule(c.lr_start_factor, 1.0, peak),
+                                     optax.linear_schedule(1.0, c.lr_end_factor, max(1, total - peak))], [peak])
+        warmup = 0
     else:  # "onecycle"
         base = optax.cosine_onecycle_schedule(total, 1.0)
     if warmup and c.schedule in ("constant", "step", "cosine"):
@@ -44,7 +53,9 @@ def make_optimizer(c: TrainConfig, steps_per_epoch: int) -> optax.GradientTransf
 
     def factory(learning_rate, weight_decay):
         lr = lambda count: learning_rate * schedule(count)  # noqa: E731
-        parts = [optax.clip_by_global_norm(c.grad_clip_norm)] if c.grad_clip_norm else []
+        parts = [scale_gradients_by_path(c.param_rules)] if c.param_rules else []
+        if c.grad_clip_norm:
+            parts.append(optax.clip_by_global_norm(c.grad_clip_norm))
         if c.optimizer == "adamw":
             parts.append(optax.adamw(lr, c.b1, c.b2, weight_decay=weight_decay))
         else:
@@ -53,6 +64,10 @@ def make_optimizer(c: TrainConfig, steps_per_epoch: int) -> optax.GradientTransf
                 parts.append(optax.sgd(lr, momentum=c.momentum or None, nesterov=c.nesterov))
             else:
                 parts.append(optax.adam(lr, c.b1, c.b2))
+        if any("train_epochs" in r[1] for r in c.param_rules):
+            parts.append(freeze_by_path(c.param_rules, steps_per_epoch))
+        if c.lookahead_every:
+            parts.append(lookahead(c.lookahead_every, c.lookahead_decay, max(1, c.epochs * steps_per_epoch)))
         return optax.chain(*parts)
 
     return optax.inject_hyperparams(factory)(learning_rate=c.learning_rate, weight_decay=c.weight_decay)
@@ -63,3 +78,82 @@ def make_plateau(c: TrainConfig) -> optax.GradientTransformationExtraArgs | None
     if c.plateau_patience is None:
         return None
     return optax.contrib.reduce_on_plateau(factor=c.plateau_factor, patience=c.plateau_patience)
+
+
+def path_name(path: tuple) -> str:
+    """``'block0/bn1/bias'`` for a pytree key path."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def _rule_values(rules, params, key: str, default: float) -> Any:
+    """A tree like ``params`` holding each leaf's ``key`` from the first rule whose regex fully matches its
+    path (``default`` when none does)."""
+    def value(path, _):
+        name = path_name(path)
+        for pattern, options in rules:
+            if re.fullmatch(pattern, name):
+                return options.get(key, default)
+        return default
+
+    for pattern, _ in rules:
+        names = [path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+        if not any(re.fullmatch(pattern, n) for n in names):
+            raise ConfigError(f"param rule {pattern!r} matches no parameter: names look like {names[:3]}")
+    return jax.tree_util.tree_map_with_path(value, params)
+
+
+def scale_gradients_by_path(rules) -> optax.GradientTransformation:
+    """Multiply each gradient by its rule's ``lr_scale`` (before weight decay and momentum, so the decay
+    is not scaled: PyTorch's per-group ``lr`` with ``weight_decay / lr``)."""
+    def update(updates, state, params=None):
+        scales = _rule_values(rules, updates, "lr_scale", 1.0)
+        return jax.tree.map(lambda u, s: u * s if s != 1.0 else u, updates, scales), state
+
+    def init(params):
+        _rule_values(rules, params, "lr_scale", 1.0)  # a rule that matches nothing fails here, before compiling
+        return optax.EmptyState()
+
+    return optax.GradientTransformation(init, update)
+
+
+class FreezeState(NamedTuple):
+    count: jax.Array  # int32 []: updates done
+
+
+def freeze_by_path(rules, steps_per_epoch: int) -> optax.GradientTransformation:
+    """Zero the whole update (decay and momentum included) of parameters whose rule's ``train_epochs`` have
+    passed: they stay where they are, as a PyTorch parameter with ``requires_grad=False``."""
+    def update(updates, state, params=None):
+        epochs = _rule_values(rules, updates, "train_epochs", -1)  # -1: no freezing
+
+        def gate(u, e):
+            return u if e < 0 else jnp.where(state.count < round(e * steps_per_epoch), u, jnp.zeros_like(u))
+
+        return jax.tree.map(gate, updates, epochs), FreezeState(state.count + 1)
+
+    return optax.GradientTransformation(lambda params: FreezeState(jnp.zeros((), jnp.int32)), update)
+
+
+class LookaheadState(NamedTuple):
+    slow: Any  # the slow weights, like params
+    count: jax.Array  # int32 []
+
+
+def lookahead(every: int, final_decay: float, total_steps: int) -> optax.GradientTransformation:
+    """Lookahead weight averaging: every ``every`` steps (and at the last step) the slow weights move to
+    ``decay * slow + (1 - decay) * fast`` and the fast weights are reset to them; ``decay`` ramps up as
+    ``final_decay * (step / total_steps)^3``, so early training is not slowed. Must come last in a chain
+    (it needs the finished updates) and needs ``params``."""
+    def init(params):
+        return LookaheadState(jax.tree.map(jnp.copy, params), jnp.zeros((), jnp.int32))
+
+    def update(updates, state, params=None):
+        count = state.count + 1
+        sync = (count % every == 0) | (count == total_steps)
+        decay = final_decay * (jnp.minimum(count, total_steps) / total_steps) ** 3
+        fast = optax.apply_updates(params, updates)
+        slow = jax.tree.map(lambda s, f: jnp.where(sync, decay * s + (1 - decay) * f, s), state.slow, fast)
+        updates = jax.tree.map(lambda u, s, p: jnp.where(sync, s - p, u), updates, slow, params)
+        return updates, LookaheadState(slow, count)
+
+    return optax.GradientTransformation(init, update)

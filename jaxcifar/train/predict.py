@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 from jaxcifar.errors import CheckpointError
 from jaxcifar.train import checkpoint as ckpt
 from jaxcifar.train.config import TrainConfig
-from jaxcifar.train.loop import build_for, init_state
+from jaxcifar.train.setup import build_for, init_state
 from jaxcifar.train.state import stack_states, unstack_state
 from jaxcifar.train.steps import StepFns
 

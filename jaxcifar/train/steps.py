@@ -37,6 +37,7 @@ class StepFns:
     num_classes: int
     compute_dtype: Any
     batch_sharding: Any = None  # NamedSharding of a batch over the data-parallel mesh; None on one device
+    tta: int = 0  # test-time augmentation: 0 none, 1 mirror, 2 mirror and 1-pixel shifts
 
     def shard_batch(self, *arrays: jax.Array) -> tuple[jax.Array, ...]:
         """Constrain batch arrays to be split over the devices (data parallelism); a no-op on one device or
@@ -77,17 +78,34 @@ class StepFns:
     def eval_step(self, variables, images: jax.Array, labels: jax.Array, weight: jax.Array) -> Metrics:
         """Sums over the batch of weighted loss and correct predictions (weight 0 marks padding)."""
         images, labels, weight = self.shard_batch(images, labels, weight)
-        logits = self.model.apply(variables, normalize(images, self.mean, self.std, self.compute_dtype))
+        logits = self.logits(variables, images)
         return {
             "loss": (self.loss(logits, labels) * weight).sum(),
             "correct": ((logits.argmax(-1) == labels) * weight).sum(),
             "count": weight.sum(),
         }
 
-    def probabilities(self, variables, images: jax.Array) -> jax.Array:
-        """Softmax class probabilities float32 [N, num_classes] for uint8 images [N, 32, 32, 3]."""
+    def logits(self, variables, images: jax.Array) -> jax.Array:
+        """Evaluation-mode logits float32 [N, num_classes] for uint8 images [N, 32, 32, 3], averaged over the
+        test-time augmentations: ``tta=1`` the image and its mirror; ``tta=2`` half that, half the mean of
+        the same pair shifted one pixel up-left and down-right (reflect padding)."""
         x = normalize(images, self.mean, self.std, self.compute_dtype)
-        return jax.nn.softmax(self.model.apply(variables, x))
+
+        def mirrored(v):
+            out = self.model.apply(variables, v)
+            return out if self.tta == 0 else 0.5 * (out + self.model.apply(variables, v[:, :, ::-1]))
+
+        logits = mirrored(x)
+        if self.tta >= 2:
+            h, w = x.shape[1:3]
+            pad = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+            logits = 0.5 * logits + 0.25 * (mirrored(pad[:, :h, :w]) + mirrored(pad[:, 2:, 2:]))
+        return logits
+
+    def probabilities(self, variables, images: jax.Array) -> jax.Array:
+        """Softmax class probabilities float32 [N, num_classes] for uint8 images [N, 32, 32, 3] (with the
+        configured test-time augmentation)."""
+        return jax.nn.softmax(self.logits(variables, images))
 
 
 def make_chunk_runner(fns: StepFns, unroll: int | bool) -> Callable:

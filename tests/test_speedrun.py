@@ -1,0 +1,152 @@
+"""The speedrun recipe's pieces: patch whitening, partial-identity init, per-parameter rules, lookahead, the
+triangular schedule, test-time augmentation, the program cache, and the recipe itself on real data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxcifar import configs
+from jaxcifar.data import Dataset
+from jaxcifar.errors import ConfigError
+from jaxcifar.models import SpeedrunNet, partial_identity, patch_whitening_kernel
+from jaxcifar.train import TrainConfig, build, fit, init_state, make_optimizer, prepare_data, unit_schedule
+from jaxcifar.train import loop as train_loop
+
+REAL_ZIP = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10_jpeg.zip"
+
+
+def test_whitening_kernel_whitens_patches():
+    rng = np.random.default_rng(0)
+    mix = rng.normal(size=(3, 3))
+    images = jnp.asarray(rng.normal(size=(64, 8, 8, 3)) @ mix, jnp.float32)  # correlated channels
+    kernel = patch_whitening_kernel(images, size=2, eps=1e-6)
+    assert kernel.shape == (2, 2, 3, 24)
+    out = jax.lax.conv_general_dilated(images, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    flat = np.asarray(out).reshape(-1, 24)
+    second_moment = flat[:, :12].T @ flat[:, :12] / len(flat)
+    np.testing.assert_allclose(second_moment, np.eye(12), atol=2e-3)
+    np.testing.assert_allclose(flat[:, 12:], -flat[:, :12], rtol=1e-6)
+
+
+def test_partial_identity_passes_input_channels_through():
+    kernel = partial_identity(jax.random.PRNGKey(0), (3, 3, 4, 6))
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 5, 4))
+    y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(y[..., :4], x, atol=1e-6)
+    assert float(jnp.abs(y[..., 4:]).mean()) > 0.01  # the extra outputs keep their random init
+
+
+@pytest.mark.parametrize("num_classes", [10, 100])
+def test_speedrun_net_shapes_and_data_init(num_classes):
+    model = SpeedrunNet(num_classes=num_classes)
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 32, 32, 3))
+    variables = model.init(jax.random.PRNGKey(1), x)
+    assert model.apply(variables, x).shape == (4, num_classes)
+    assert "scale" not in variables["params"]["block0_bn0"]  # batch norm without a trainable scale
+    params = model.init_from_data(variables["params"], x)
+    np.testing.assert_allclose(params["whiten"]["kernel"], patch_whitening_kernel(x, 2))
+    assert params["head"] is variables["params"]["head"]
+
+
+def _toy_params():
+    return {"whiten": {"kernel": jnp.ones((2,)), "bias": jnp.ones((2,))}, "block0_bn0": {"bias": jnp.ones((2,))},
+            "head": {"kernel": jnp.ones((2,))}}
+
+
+def test_param_rules_freeze_and_scale():
+    rules = ((r"whiten/kernel", {"train_epochs": 0}), (r"whiten/bias", {"train_epochs": 1}),
+             (r".*_bn\d/bias", {"lr_scale": 64.0}))
+    c = TrainConfig(learning_rate=0.01, momentum=0.0, param_rules=rules, epochs=3)
+    tx = make_optimizer(c, steps_per_epoch=2)
+    params = _toy_params()
+    state = tx.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    history = [params]
+    for _ in range(6):
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        history.append(params)
+    np.testing.assert_array_equal(params["whiten"]["kernel"], 1.0)  # never trained
+    bias = [float(h["whiten"]["bias"][0]) for h in history]
+    assert bias[0] > bias[1] > bias[2] and bias[2] == bias[3] == bias[6]  # trained for 1 epoch = 2 steps
+    step_bn = 1.0 - float(history[1]["block0_bn0"]["bias"][0])
+    step_head = 1.0 - float(history[1]["head"]["kernel"][0])
+    np.testing.assert_allclose(step_bn / step_head, 64.0, rtol=1e-5)
+
+
+def test_param_rule_errors_are_clear():
+    c = TrainConfig(param_rules=((r"nothing/here", {"lr_scale": 2.0}),))
+    with pytest.raises(ConfigError, match="matches no parameter"):
+        make_optimizer(c, 10).init(_toy_params())
+    with pytest.raises(ConfigError, match="not a regular expression"):
+        train_loop.validate_config(TrainConfig(param_rules=(("(", {}),)))
+    with pytest.raises(ConfigError, match="unknown keys"):
+        train_loop.validate_config(TrainConfig(param_rules=(("head/.*", {"lr": 2}),)))
+
+
+def test_lookahead_pulls_weights_to_the_slow_average():
+    c = TrainConfig(learning_rate=0.1, momentum=0.0, lookahead_every=2, lookahead_decay=0.5, epochs=1)
+    total = 4
+    tx = make_optimizer(c, steps_per_epoch=total)
+    p0 = {"w": jnp.asarray([1.0])}
+    state = tx.init(p0)
+    g = {"w": jnp.asarray([1.0])}
+    u, state = tx.update(g, state, p0)
+    p1 = optax.apply_updates(p0, u)
+    np.testing.assert_allclose(p1["w"], 0.9)  # step 1: a plain SGD step
+    u, state = tx.update(g, state, p1)
+    p2 = optax.apply_updates(p1, u)
+    decay = 0.5 * (2 / total) ** 3
+    np.testing.assert_allclose(p2["w"], decay * 1.0 + (1 - decay) * 0.8, rtol=1e-6)  # synced to the slow weights
+
+
+def test_triangular_schedule_shape():
+    c = TrainConfig(schedule="triangular", epochs=10, warmup_epochs=2.3, lr_start_factor=0.2, lr_end_factor=0.07)
+    s = unit_schedule(c, steps_per_epoch=10)
+    np.testing.assert_allclose([s(0), s(23), s(100)], [0.2, 1.0, 0.07], rtol=1e-6)
+    assert s(10) < s(20) and s(50) > s(80)
+
+
+def test_mirror_tta_is_flip_invariant(tiny):
+    data = prepare_data(tiny, TrainConfig(val_size=0))
+    images = data.test[0][:8]
+    for tta, invariant in ((0, False), (1, True)):
+        config = configs.speedrun(tta=tta, batch_size=64)
+        fns, _, plateau = build(config, data)
+        variables = init_state(config, fns, plateau, {}, data.train[0]).variables
+        a, b = fns.logits(variables, images), fns.logits(variables, images[:, :, ::-1])
+        assert np.allclose(a, b, atol=1e-5) == invariant
+
+
+def test_second_fit_reuses_the_compiled_program(tiny):
+    config = configs.speedrun(epochs=1, batch_size=64, val_size=0, unroll=2)
+    first = fit(config, tiny, progress=False)
+    programs = len(train_loop._PROGRAMS)
+    second = fit(config.replace(seed=1), tiny, progress=False)
+    assert len(train_loop._PROGRAMS) == programs  # same program: nothing traced or compiled again
+    assert second.history["train_loss"] != first.history["train_loss"]  # but a different run
+    # The frozen whitening kernel is still the data-derived one after training.
+    fresh = init_state(config, second.fns, None, {}, prepare_data(tiny, config).train[0])
+    np.testing.assert_allclose(second.state.params["whiten"]["kernel"], fresh.params["whiten"]["kernel"])
+
+
+@pytest.mark.realdata
+def test_speedrun_recipe_learns_real_cifar10_at_reduced_budget(tmp_path):
+    """The recipe at a CPU budget (5000 real training images, 2 epochs of batch 256) must reach far above
+    chance on 2000 real test images; fails loudly when the shared copy is missing."""
+    from jaxcifar.data import load_cifar
+
+    assert REAL_ZIP.exists(), f"shared CIFAR-10 copy missing at {REAL_ZIP}: CI must provide ../shared/data"
+    full = load_cifar("cifar10", REAL_ZIP, cache_dir=tmp_path, progress=False)
+    rng = np.random.default_rng(0)
+    data = Dataset(full.name, full.train.take(np.sort(rng.permutation(50000)[:5000])),
+                   full.test.take(np.sort(rng.permutation(10000)[:2000])), full.class_names, None, "subset")
+    result = fit(configs.speedrun(epochs=2, batch_size=256), data, progress=False)
+    assert result.history["train_loss"][1] < result.history["train_loss"][0]
+    assert result.summary["final_test_accuracy"] > 0.45, result.summary
