@@ -2,8 +2,8 @@
 
     python -m experiments.robustness --data ../shared/data/cifar10_jpeg.zip --seeds 10 [--quick]
 
-Each seed has its own initialization, dropout stream, data order and augmentation stream (the train/validation
-split is shared, seeded by --seed). Writes into --out: results.json (per-seed figures, mean, std, min/max,
+Each seed has its own initialization, dropout stream, data order and augmentation stream; the train/validation
+split is shared (seeded by --seed) unless --split-per-run gives every seed its own. Writes into --out: results.json (per-seed figures, mean, std, min/max,
 95 % t confidence interval, config, versions), report.md, val_accuracy.png (mean curve, +-std band, every
 seed) and checkpoints/ (resumable: rerun the same command).
 """
@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dropout", type=float, default=None, help="override the recipe's dropout rate")
     p.add_argument("--run-strategy", choices=["auto", "vmap", "loop"], default="auto",
                    help="how the seeds share the program: auto = loop on CPU, vmap on GPU/TPU")
+    p.add_argument("--split-per-run", action="store_true",
+                   help="each seed holds out its own validation set (default: one split, seeded by --seed)")
     p.add_argument("--runs-per-chunk", type=int, default=None, help="seeds compiled together (default: all "
                    "that fit in memory)")
     args = cli.parse(p, argv)
@@ -34,7 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     extra = {} if args.dropout is None else {"dropout_rate": args.dropout}
     config = RECIPES[args.recipe](batch_size=args.batch_size, epochs=args.epochs, val_size=args.val_size,
                                   seed=args.seed, split_seed=args.seed, run_strategy=args.run_strategy,
-                                  runs_per_chunk=args.runs_per_chunk, devices=args.devices, **extra)
+                                  runs_per_chunk=args.runs_per_chunk, devices=args.devices,
+                                  split_per_run=args.split_per_run, **extra)
     runs = [{"seed": args.seed + k} for k in range(args.seeds)]
     result = fit(config, data, runs=runs, checkpoint_dir=str(out / "checkpoints"), resume=not args.no_resume,
                  progress=not args.no_progress)
@@ -56,7 +59,9 @@ def main(argv: list[str] | None = None) -> None:
     env, meta = result.meta["environment"], result.meta
     write_text(out / "report.md", "\n\n".join([
         f"# Robustness over {args.seeds} seeds ({args.recipe} recipe)",
-        f"{cli.data_line(data, config.val_size)} Split seed {args.seed}; {config.epochs} epochs, "
+        f"{cli.data_line(data, config.val_size)} "
+        f"{'Each seed splits its own validation set' if args.split_per_run else f'Split seed {args.seed}'}; "
+        f"{config.epochs} epochs, "
         f"batch {config.batch_size}. "
         f"All seeds in one compiled program ({meta['run_strategy']}, {meta['runs_per_chunk']} runs per "
         f"program), backend {env['backend']}, jax {env['packages']['jax']}.",

@@ -70,13 +70,15 @@ def test_bad_data_path_is_one_clear_line(tmp_path):
 
 
 def test_robustness_reports_seed_statistics(tmp_path):
-    out, res = run_tiny(tmp_path, "robustness", "--batch-size", "25", "--epochs", "1", "--seeds", "3")
+    out, res = run_tiny(tmp_path, "robustness", "--batch-size", "25", "--epochs", "1", "--seeds", "3",
+                        "--split-per-run")
     acc = np.array([s["test_accuracy"] for s in res["summaries"]])
     st = res["statistics"]["test_accuracy"]
     assert [run["seed"] for run in res["runs"]] == [0, 1, 2] and st["n"] == 3
     assert st["mean"] == pytest.approx(acc.mean()) and st["std"] == pytest.approx(acc.std(ddof=1))
     assert st["ci95_high"] - st["mean"] == pytest.approx(4.303 * acc.std(ddof=1) / np.sqrt(3))
     assert len({tuple(h["train_loss"]) for h in res["histories"]}) == 3  # the seeds really differ
+    assert res["config"]["split_per_run"] and res["meta"]["split_per_run"]
     assert (out / "val_accuracy.png").stat().st_size > 0 and "95 % CI" in (out / "report.md").read_text()
 
 

@@ -166,6 +166,22 @@ def test_runs_in_one_program_match_single_runs(tiny, strategy):
     assert swept.histories[0]["train_loss"] != swept.histories[1]["train_loss"]
 
 
+def test_per_run_splits_match_single_runs_with_their_own_split(tiny):
+    """With split_per_run each run holds out its own validation set (seeded by its seed): run k equals the
+    single run with seed k and split_seed k. Raw input, so both normalize alike."""
+    cfg = FAST.replace(epochs=1, run_strategy="loop", split_per_run=True, normalize=False)
+    runs = [{"seed": 3}, {"seed": 4}]
+    swept = fit(cfg, tiny, runs=runs, progress=False)
+    assert swept.meta["split_per_run"] and swept.meta["train_size"] == 512 - 64
+    for k, run in enumerate(runs):
+        single = fit(cfg.replace(seed=run["seed"], split_seed=run["seed"]), tiny, progress=False)
+        np.testing.assert_allclose(swept.histories[k]["train_loss"], single.history["train_loss"], rtol=1e-6)
+        np.testing.assert_allclose(swept.histories[k]["val_loss"], single.history["val_loss"], rtol=1e-5)
+    shared = fit(cfg.replace(split_per_run=False, split_seed=3), tiny, runs=runs, progress=False)
+    assert shared.histories[0]["train_loss"] == pytest.approx(swept.histories[0]["train_loss"], rel=1e-6)
+    assert shared.histories[1]["val_loss"] != pytest.approx(swept.histories[1]["val_loss"], rel=1e-3)
+
+
 def test_run_groups_checkpoint_and_resume_exactly(tiny, tmp_path):
     """Three runs, two per compiled group: interrupted after epoch 1 and resumed == uninterrupted; the
     groups' results equal one program holding all three runs."""

@@ -60,6 +60,7 @@ class TrainConfig:
     val_size: int | float = 1000
     stratified_split: bool = False
     split_seed: int | None = None  # seed of the train/validation split; None = `seed`
+    split_per_run: bool = False  # with fit(runs=...): each run splits off its own validation set (by its seed)
     augment: tuple = ()  # see jaxcifar.data.make_augment
     normalize: bool = True  # standardize inputs by the training split's channel mean/std; False = raw [0, 1]
     tta: int = 0  # test-time augmentation in evaluation: 0 none, 1 mirror, 2 mirror and 1-pixel shifts

@@ -37,7 +37,15 @@ from jaxcifar.train.runs import (
     program_bytes,
     resolve_strategy,
 )
-from jaxcifar.train.setup import PreparedData, build, init_state, prepare_data, resolve_loop, with_body
+from jaxcifar.train.setup import (
+    PreparedData,
+    build,
+    init_state,
+    prepare_data,
+    resolve_loop,
+    run_splits,
+    with_body,
+)
 from jaxcifar.train.state import DATA_STREAM, TrainState, learning_rate, stack_states
 from jaxcifar.train.steps import StepFns, make_chunk_runner, make_evaluator
 from jaxcifar.versions import environment
@@ -124,8 +132,9 @@ def fit(
     vmapped = runs is not None
     runs = [dict(r) for r in runs] if vmapped else [{}]
     _check_runs(config, runs)
-    data = dataset if isinstance(dataset, PreparedData) else prepare_data(dataset, config)
-    validate_config(config, train_size=int(data.train[1].shape[0]))
+    data = dataset if isinstance(dataset, PreparedData) else prepare_data(dataset, config,
+                                                                           vmapped and config.split_per_run)
+    validate_config(config, train_size=data.train_size)
     mesh = data_mesh(config.devices)
     check_batch(config.batch_size, mesh)
     if mesh.size > 1:  # data parallel: dataset and state replicated, every batch split over the devices
@@ -172,7 +181,7 @@ def _program_key(config: TrainConfig, data: PreparedData, mesh: Mesh) -> tuple:
     """Everything the compiled programs depend on (the data only through its shapes and statistics)."""
     program = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_PROGRAM}
     return (json.dumps(program, sort_keys=True, default=str), data.mean, data.std, data.num_classes,
-            int(data.train[1].shape[0]), data.val is not None and int(data.val[1].shape[0]),
+            data.train_size, data.per_run_val, data.val is not None and int(data.val[1].shape[0]),
             int(data.test[1].shape[0]), tuple(d.id for d in mesh.devices.flat), jax.default_backend())
 
 
@@ -187,7 +196,7 @@ def _compiled_fns(config: TrainConfig, data: PreparedData, fns: StepFns, plateau
 
 def _make_compiled_fns(config: TrainConfig, data: PreparedData, fns: StepFns, plateau_tx, n_runs: int,
                        vmapped: bool, strategy: str) -> dict[str, Any]:
-    n_train = int(data.train[1].shape[0])
+    n_train = data.train_size
     spe = steps_per_epoch(n_train, config.batch_size)
     loop, chunk = resolve_loop(config)
     if loop == "scan":
@@ -197,17 +206,20 @@ def _make_compiled_fns(config: TrainConfig, data: PreparedData, fns: StepFns, pl
     chunk = min(chunk, spe)
     vm = (lambda f, axes: over_runs(f, axes, strategy)) if vmapped else (lambda f, axes: f)  # noqa: E731
 
-    def order(rng, epoch):
-        return epoch_batches(jax.random.fold_in(jax.random.fold_in(rng, DATA_STREAM), epoch), n_train,
-                             config.batch_size)
+    def order(rng, epoch, train_index=None):
+        """This epoch's batches; with a per-run split, positions in the run's ``train_index``."""
+        idx = epoch_batches(jax.random.fold_in(jax.random.fold_in(rng, DATA_STREAM), epoch), n_train,
+                            config.batch_size)
+        return idx if train_index is None else train_index[idx]
 
     runner = make_chunk_runner(fns, unroll=True if loop == "unrolled" else 1)
     evaluator = (0, None, None, None, None)
     return {
         "loop": loop, "chunk": chunk, "spe": spe,
         "run_chunk": jax.jit(vm(runner, (0, None, None, 0)), donate_argnums=0),
-        "epoch_order": jax.jit(jax.vmap(order, (0, None)) if vmapped else order),
+        "epoch_order": jax.jit(jax.vmap(order, (0, None, 0)) if vmapped else order),
         "evaluate": jax.jit(vm(make_evaluator(fns), evaluator)),
+        "evaluate_val": jax.jit(vm(make_evaluator(fns), (0, None, None, 0 if data.per_run_val else None, None))),
         "evaluate_best": jax.jit(vm(make_evaluator(fns, use_best=True), evaluator)),
         "end_epoch": jax.jit(vm(_end_of_epoch(plateau_tx), (0, 0, 0))),
         "current_lr": jax.jit(vm(lambda s: learning_rate(s) * unit_schedule(config, spe)(s.step), (0,))),
@@ -222,15 +234,16 @@ def _group_bytes(config, data, fns, plateau_tx, runs, strategy) -> int:
     return program_bytes(c["run_chunk"].lower(state, *data.train, index).compile())
 
 
-def _precompile(c: dict[str, Any], state: TrainState, data: PreparedData, bounds, plans, n_runs: int | None):
+def _precompile(c: dict[str, Any], state: TrainState, data: PreparedData, bounds, plans, n_runs: int | None,
+                train_index: jax.Array | None):
     """Compile every jitted piece of an epoch ahead of time (``jit`` then serves the calls from its cache),
     so epoch times measure training alone and ``meta['compile_seconds']`` the compilation."""
-    index = c["epoch_order"](state.rng, 1)
+    index = c["epoch_order"](state.rng, 1, train_index)
     for length in sorted({hi - lo for lo, hi in bounds}):
         c["run_chunk"].lower(state, *data.train, index[..., :length, :]).compile()
-    for name, split in (("val", data.val), ("test", data.test)):
-        if split is not None:
-            c["evaluate"].lower(state, *split, *plans[name]).compile()
+    if data.val is not None:
+        c["evaluate_val"].lower(state, *data.val, *plans["val"]).compile()
+    c["evaluate"].lower(state, *data.test, *plans["test"]).compile()
     c["evaluate_best"].lower(state, *data.test, *plans["test"]).compile()
     per_run = jnp.zeros(() if n_runs is None else (n_runs,), jnp.float32)
     c["end_epoch"].lower(state, per_run, per_run).compile()
@@ -248,8 +261,14 @@ def _fit_group(config, data, fns, plateau_tx, runs, vmapped, strategy, checkpoin
     if mesh.size > 1:
         state = replicate(state, mesh)
     bounds = [(lo, min(lo + chunk, spe)) for lo in range(0, spe, chunk)]
-    plans = {name: tuple(map(jnp.asarray, eval_batches(int(split[1].shape[0]), config.eval_batch_size)))
-             for name, split in (("val", data.val), ("test", data.test)) if split is not None}
+    plans = {name: tuple(map(jnp.asarray, eval_batches(size, config.eval_batch_size)))
+             for name, size in (("val", data.val and (data.per_run_val or int(data.val[1].shape[0]))),
+                                ("test", int(data.test[1].shape[0]))) if size}
+    splits = run_splits(data, [int(r.get("seed", config.seed)) for r in runs])
+    train_index = None
+    if splits is not None:  # per-run validation sets: evaluation indices go through each run's own index
+        train_index, val_index = (x if vmapped else x[0] for x in splits)
+        plans["val"] = (val_index[..., plans["val"][0]], plans["val"][1])
 
     def eval_split(fn, name):
         split = data.val if name == "val" else data.test
@@ -259,7 +278,7 @@ def _fit_group(config, data, fns, plateau_tx, runs, vmapped, strategy, checkpoin
     meta = {"config": config.to_dict(), "runs": runs, "fine_tuned": body is not None, "loop": loop, "chunk": chunk,
             "vmapped": vmapped,
             "run_strategy": strategy, "normalization": {"mean": data.mean, "std": data.std},
-            "num_classes": data.num_classes, "train_size": int(data.train[1].shape[0]),
+            "num_classes": data.num_classes, "train_size": data.train_size, "split_per_run": bool(data.per_run_val),
             "environment": environment()}
     manager = ckpt.checkpoint_manager(checkpoint_dir, config.keep_checkpoints) if checkpoint_dir else None
     if manager is not None and resume and manager.latest_step() is not None:
@@ -270,11 +289,11 @@ def _fit_group(config, data, fns, plateau_tx, runs, vmapped, strategy, checkpoin
 
     t0 = time.perf_counter()
     if start_epoch < config.epochs:
-        _precompile(c, state, data, bounds, plans, len(runs) if vmapped else None)
+        _precompile(c, state, data, bounds, plans, len(runs) if vmapped else None, train_index)
     compile_seconds = time.perf_counter() - t0
     for epoch in range(start_epoch + 1, config.epochs + 1):
         t0 = time.perf_counter()
-        order_idx = c["epoch_order"](state.rng, epoch)
+        order_idx = c["epoch_order"](state.rng, epoch, train_index)
         chunk_metrics = []
         bar = tqdm(total=spe, desc=f"epoch {epoch}/{config.epochs}", unit="step", disable=not progress, leave=False)
         next_log = config.log_every
@@ -290,7 +309,7 @@ def _fit_group(config, data, fns, plateau_tx, runs, vmapped, strategy, checkpoin
         train_m = jax.device_get(jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=-1), *chunk_metrics))
         train_m = {k: np.asarray(v).reshape(len(runs), spe) for k, v in train_m.items()}
         if data.val is not None:
-            val_m = eval_split("evaluate", "val")
+            val_m = eval_split("evaluate_val", "val")
         else:  # no validation split: select on training metrics
             val_m = {"loss": train_m["loss"].mean(-1), "accuracy": train_m["accuracy"].mean(-1)}
         val_loss = np.asarray(val_m["loss"], np.float32).reshape(len(runs))

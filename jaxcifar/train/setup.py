@@ -15,6 +15,7 @@ from jax.sharding import Mesh
 
 from jaxcifar.data import Dataset, Split, channel_stats, make_augment, train_val_split
 from jaxcifar.data.batching import steps_per_epoch
+from jaxcifar.data.split import split_indices, validation_count
 from jaxcifar.data.stats import normalize
 from jaxcifar.models import create_model
 from jaxcifar.train import checkpoint as ckpt
@@ -35,24 +36,52 @@ class PreparedData:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     num_classes: int
+    # > 0: every run draws its own split of this many validation examples from ``train`` (then the whole
+    # training set; ``val`` is the same arrays), seeded by the run's seed (:func:`run_splits`)
+    per_run_val: int = 0
+    stratified: bool = False
+
+    @property
+    def train_size(self) -> int:
+        """Training examples per run."""
+        return int(self.train[1].shape[0]) - self.per_run_val
 
 
-def prepare_data(dataset: Dataset, config: TrainConfig) -> PreparedData:
+def prepare_data(dataset: Dataset, config: TrainConfig, per_run_split: bool = False) -> PreparedData:
     """Split off validation (seeded by ``config.split_seed``, else ``config.seed``; shared by all vmapped
     runs), compute the training split's channel mean/std (zeros/ones when ``config.normalize`` is False: raw
-    [0, 1] input), and put every split on the device as uint8 images and int32 labels."""
+    [0, 1] input), and put every split on the device as uint8 images and int32 labels. With
+    ``per_run_split`` the whole training set goes to the device and each run splits it itself (statistics
+    then come from the whole training set)."""
     train: Split = dataset.train
     val: Split | None = None
     split_seed = config.seed if config.split_seed is None else config.split_seed
+    if per_run_split and config.val_size:
+        mean, std = channel_stats(train.images) if config.normalize else (np.zeros(3), np.ones(3))
+        images, labels = jax.device_put(train.images), jax.device_put(train.labels.astype(np.int32))
+        return PreparedData((images, labels), (images, labels), _put(dataset.test), tuple(map(float, mean)),
+                            tuple(map(float, std)), dataset.num_classes,
+                            validation_count(len(train), config.val_size), config.stratified_split)
     if config.val_size:
         train, val = train_val_split(dataset.train, config.val_size, split_seed, stratified=config.stratified_split)
     mean, std = channel_stats(train.images) if config.normalize else (np.zeros(3), np.ones(3))
 
-    def put(s: Split | None):
-        return None if s is None else (jax.device_put(s.images), jax.device_put(s.labels.astype(np.int32)))
+    return PreparedData(_put(train), _put(val), _put(dataset.test), tuple(map(float, mean)),
+                        tuple(map(float, std)), dataset.num_classes)
 
-    return PreparedData(put(train), put(val), put(dataset.test), tuple(map(float, mean)), tuple(map(float, std)),
-                        dataset.num_classes)
+
+def _put(s: Split | None) -> tuple[jax.Array, jax.Array] | None:
+    return None if s is None else (jax.device_put(s.images), jax.device_put(s.labels.astype(np.int32)))
+
+
+def run_splits(data: PreparedData, seeds: Sequence[int]) -> tuple[jax.Array, jax.Array] | None:
+    """Per-run ``(train index int32 [R, train_size], validation index int32 [R, per_run_val])`` into
+    ``data.train``, run r split by ``split_indices`` with its seed; None when the runs share one split."""
+    if not data.per_run_val:
+        return None
+    labels = np.asarray(jax.device_get(data.train[1]))
+    pairs = [split_indices(jax.random.key(s), labels, data.per_run_val, stratified=data.stratified) for s in seeds]
+    return jnp.stack([t for t, _ in pairs]), jnp.stack([v for _, v in pairs])
 
 
 def resolve_loop(config: TrainConfig) -> tuple[str, int]:
@@ -66,7 +95,7 @@ def resolve_loop(config: TrainConfig) -> tuple[str, int]:
 def build(config: TrainConfig, data: PreparedData, mesh: Mesh | None = None) -> tuple[StepFns, Any, Any]:
     """``(step functions, optimizer, plateau transform or None)`` for ``config`` on ``data``; with a
     multi-device ``mesh`` the steps split each batch over it."""
-    return build_for(config, data.mean, data.std, data.num_classes, int(data.train[1].shape[0]), mesh)
+    return build_for(config, data.mean, data.std, data.num_classes, data.train_size, mesh)
 
 
 def build_for(config: TrainConfig, mean: Sequence[float], std: Sequence[float], num_classes: int,
