@@ -3,9 +3,9 @@
     python -m experiments.robustness --data ../shared/data/cifar10_jpeg.zip --seeds 10 [--quick]
 
 Each seed has its own initialization, dropout stream, data order and augmentation stream; the train/validation
-split is shared (seeded by --seed) unless --split-per-run gives every seed its own. Writes into --out: results.json (per-seed figures, mean, std, min/max,
-95 % t confidence interval, config, versions), report.md, val_accuracy.png (mean curve, +-std band, every
-seed) and checkpoints/ (resumable: rerun the same command).
+split is shared (seeded by --seed) unless --split-per-run gives every seed its own. Writes into --out:
+results.json (per-seed figures, mean, std, min/max, 95 % t confidence interval, config, versions), report.md,
+val_accuracy.png (mean curve, +-std band, every seed) and checkpoints/ (resumable: rerun the same command).
 """
 
 from __future__ import annotations
