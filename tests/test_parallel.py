@@ -1,4 +1,5 @@
-"""Data parallelism on 4 forced CPU devices (in a subprocess: the device count is fixed when JAX starts)."""
+"""Data parallelism and run-axis sharding on 4 forced CPU devices (in a subprocess: the device count is fixed
+when JAX starts)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,20 @@ SCRIPT = textwrap.dedent('''
     whole = fit(cfg.replace(devices=4), data, progress=False)
     out["resumed"] = [resumed.history["train_loss"], whole.history["train_loss"]]
     out["resumed_devices"] = len(jax.tree.leaves(resumed.state.params)[0].sharding.device_set)
+    # A vmapped sweep of 4 seeds with its run axis sharded: one run per device, no communication.
+    sweep = cfg.replace(epochs=1, run_strategy="vmap")
+    runs = [{"seed": s} for s in range(4)]
+    sharded = fit(sweep.replace(devices=4), data, runs=runs, progress=False)
+    single_device = fit(sweep.replace(devices=1), data, runs=runs, progress=False)
+    leaf = jax.tree.leaves(sharded.state.params)[0]
+    out["runs_mode"] = [sharded.meta["parallel"], single_device.meta["parallel"]]
+    out["runs_shards"] = [len(leaf.sharding.device_set), leaf.addressable_shards[0].data.shape[0], leaf.shape[0]]
+    out["runs_loss"] = [[h["train_loss"] for h in r.histories] for r in (sharded, single_device)]
+    out["runs_val"] = [[h["val_accuracy"] for h in r.histories] for r in (sharded, single_device)]
+    try:
+        fit(sweep.replace(devices=4, parallel="runs"), data, runs=runs[:3], progress=False)
+    except ConfigError as e:
+        out["runs_error"] = str(e)
     print("RESULT" + json.dumps(out))
 ''')
 
@@ -75,3 +90,21 @@ def test_checkpoint_from_four_devices_resumes_on_one(four_devices):
     resumed, whole = four_devices["resumed"]
     assert resumed[0] == whole[0]  # epoch 1 restored from the 4-device checkpoint, bit for bit
     assert abs(resumed[1] - whole[1]) <= 1e-3 * abs(whole[1])  # epoch 2 on 1 device vs 4: summation order
+
+
+def test_sweep_shards_its_runs_over_four_devices(four_devices):
+    assert four_devices["runs_mode"] == ["runs", "data"]
+    assert four_devices["runs_shards"] == [4, 1, 4]  # 4 devices, each holding 1 of the 4 runs
+    # Each device computes its run with the same operations as the one-device vmapped program, except that
+    # XLA may group the per-run convolutions differently: float rounding only.
+    sharded, single = four_devices["runs_loss"]
+    for a, b in zip(sharded, single, strict=True):
+        assert a == pytest.approx(b, rel=1e-4)
+    for a, b in zip(*four_devices["runs_val"], strict=True):
+        assert a == pytest.approx(b, abs=1 / 64)  # at most one of the 64 validation images flips
+    assert len({tuple(x) for x in sharded}) == 4  # the seeds differ
+
+
+def test_indivisible_run_count_is_rejected(four_devices):
+    assert four_devices["runs_error"] == ("run groups of [3] do not divide over 4 devices: use a multiple of 4 "
+                                          "runs (and runs_per_chunk), or parallel='data'")

@@ -17,6 +17,7 @@ SCHEDULES = ("constant", "step", "cosine", "warmup_cosine", "onecycle", "triangu
 RULE_KEYS = ("lr_scale", "train_epochs")
 LOOPS = ("auto", "scan", "unrolled")
 RUN_STRATEGIES = ("auto", "vmap", "loop")
+PARALLEL = ("auto", "data", "runs")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -75,7 +76,11 @@ class TrainConfig:
     # compiled program; "auto" = loop on CPU (grouped convolutions are slow there), vmap elsewhere.
     run_strategy: str = "auto"
     runs_per_chunk: int | None = None  # runs compiled and trained together; None = as many as fit in memory
-    devices: int | None = None  # data parallelism over the first N devices (all when None); batch must divide
+    devices: int | None = None  # use the first N devices (all when None)
+    # How several devices share the work: "data" splits every batch (the batch must divide); "runs" shards the
+    # run axis of a vmapped sweep (each device trains its own runs; each group's run count must divide);
+    # "auto" = "runs" when fit(runs=...) uses the vmap strategy and the run count divides, else "data".
+    parallel: str = "auto"
     # checkpoints
     keep_checkpoints: int = 2
 
@@ -109,6 +114,7 @@ def validate_config(c: TrainConfig, train_size: int | None = None) -> None:
     _check(c.run_strategy in RUN_STRATEGIES,
            f"unknown run_strategy {c.run_strategy!r}: use one of {list(RUN_STRATEGIES)}")
     _check(c.runs_per_chunk is None or c.runs_per_chunk >= 1, "runs_per_chunk must be >= 1 or None")
+    _check(c.parallel in PARALLEL, f"unknown parallel mode {c.parallel!r}: use one of {list(PARALLEL)}")
     _check(c.devices is None or c.devices >= 1, f"devices {c.devices} must be >= 1 or None (all devices)")
     _check(c.loop in LOOPS, f"unknown loop {c.loop!r}: use one of {list(LOOPS)}")
     _check(c.dtype in DTYPES, f"unknown dtype {c.dtype!r}: use one of {list(DTYPES)}")

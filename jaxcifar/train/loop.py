@@ -28,7 +28,7 @@ from jaxcifar.errors import ConfigError, TrainingError
 from jaxcifar.train import checkpoint as ckpt
 from jaxcifar.train.config import TrainConfig, validate_config
 from jaxcifar.train.optim import unit_schedule
-from jaxcifar.train.parallel import check_batch, data_mesh, replicate
+from jaxcifar.train.parallel import check_batch, data_mesh, parallel_mode, replicate, shard_runs
 from jaxcifar.train.runs import (
     choose_runs_per_chunk,
     concat_runs,
@@ -136,14 +136,21 @@ def fit(
                                                                            vmapped and config.split_per_run)
     validate_config(config, train_size=data.train_size)
     mesh = data_mesh(config.devices)
-    check_batch(config.batch_size, mesh)
-    if mesh.size > 1:  # data parallel: dataset and state replicated, every batch split over the devices
+    strategy = resolve_strategy(config.run_strategy) if vmapped else "single"
+    group = len(runs) if not vmapped else config.runs_per_chunk
+    if (group is None and mesh.size > 1 and config.parallel != "data" and strategy == "vmap"
+            and len(runs) % mesh.size == 0):
+        group = len(runs)  # the run axis is sharded: each device holds len(runs) / devices of them
+    mode = parallel_mode(config.parallel, mesh, strategy,
+                         [len(runs[i:i + group]) for i in range(0, len(runs), group)] if group else [len(runs)])
+    if mode == "data":
+        check_batch(config.batch_size, mesh)
+    if mesh.size > 1:  # the dataset is replicated; the state too for "data", split by runs for "runs"
         data = dataclasses.replace(data, **{k: None if getattr(data, k) is None else replicate(getattr(data, k), mesh)
                                             for k in ("train", "val", "test")})
-    strategy = resolve_strategy(config.run_strategy) if vmapped else "single"
     key = _program_key(config, data, mesh)
-    fns, _, plateau_tx = _cached(("build", key), lambda: build(config, data, mesh))
-    group = len(runs) if not vmapped else config.runs_per_chunk or choose_runs_per_chunk(
+    fns, _, plateau_tx = _cached(("build", key, mode), lambda: build(config, data, mesh if mode == "data" else None))
+    group = group or choose_runs_per_chunk(
         len(runs), lambda g: _group_bytes(config, data, fns, plateau_tx, runs[:g], strategy), memory_budget())
     groups = [runs[i:i + group] for i in range(0, len(runs), group)]
     results = []
@@ -154,9 +161,10 @@ def fit(
         done = [h for r in results for h in r.histories]
         hook = on_epoch_end and (lambda e, hs, done=done: on_epoch_end(e, done + hs))
         results.append(_fit_group(config, data, fns, plateau_tx, group_runs, vmapped, strategy, sub, resume,
-                                  progress, hook, body, mesh))
+                                  progress, hook, body, mesh if mode == "data" else None,
+                                  mesh if mode == "runs" else None))
     meta = {**results[0].meta, "runs": runs, "runs_per_chunk": group, "run_groups": len(groups),
-            "devices": mesh.size}
+            "devices": mesh.size, "parallel": mode}
     return FitResult(config, runs, [h for r in results for h in r.histories],
                      [s for r in results for s in r.summaries], concat_runs([r.state for r in results]), fns,
                      vmapped, meta)
@@ -190,7 +198,7 @@ def _compiled_fns(config: TrainConfig, data: PreparedData, fns: StepFns, plateau
     """The jitted pieces of one epoch for a group of ``n_runs`` runs (a plain single run if not ``vmapped``),
     built once per program (see :func:`_cached`)."""
     mesh = data_mesh(config.devices)
-    key = ("fns", _program_key(config, data, mesh), n_runs, vmapped, strategy)
+    key = ("fns", _program_key(config, data, mesh), n_runs, vmapped, strategy, fns.batch_sharding is not None)
     return _cached(key, lambda: _make_compiled_fns(config, data, fns, plateau_tx, n_runs, vmapped, strategy))
 
 
@@ -251,15 +259,17 @@ def _precompile(c: dict[str, Any], state: TrainState, data: PreparedData, bounds
 
 
 def _fit_group(config, data, fns, plateau_tx, runs, vmapped, strategy, checkpoint_dir, resume, progress,
-               on_epoch_end, body, mesh) -> FitResult:
+               on_epoch_end, body, data_parallel: Mesh | None, run_parallel: Mesh | None) -> FitResult:
     c = _compiled_fns(config, data, fns, plateau_tx, len(runs), vmapped, strategy)
     loop, chunk, spe = c["loop"], c["chunk"], c["spe"]
     states = [init_state(config, fns, plateau_tx, r, data.train[0]) for r in runs]
     if body is not None:
         states = [with_body(s, body) for s in states]
     state = stack_states(states) if vmapped else states[0]
-    if mesh.size > 1:
-        state = replicate(state, mesh)
+    if data_parallel is not None and data_parallel.size > 1:
+        state = replicate(state, data_parallel)
+    elif run_parallel is not None and run_parallel.size > 1:
+        state = shard_runs(state, run_parallel)
     bounds = [(lo, min(lo + chunk, spe)) for lo in range(0, spe, chunk)]
     plans = {name: tuple(map(jnp.asarray, eval_batches(size, config.eval_batch_size)))
              for name, size in (("val", data.val and (data.per_run_val or int(data.val[1].shape[0]))),

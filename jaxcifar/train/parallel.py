@@ -1,8 +1,9 @@
-"""Data parallelism with ``jax.sharding``: a 1-D device mesh with a ``"data"`` axis, every batch split along
-it, the state and the dataset replicated. XLA's SPMD partitioner inserts the gradient all-reduce, so the
-train step is the same pure function on one device or many. Several hosts: call
-:func:`initialize_distributed` first (``jax.distributed.initialize``); the mesh then spans every host's
-devices and each host feeds the same replicated data (see docs/scaling.md)."""
+"""Several devices with ``jax.sharding``: a 1-D device mesh with a ``"data"`` axis. Data parallelism splits
+every batch along it, with the state and the dataset replicated; XLA's SPMD partitioner inserts the gradient
+all-reduce, so the train step is the same pure function on one device or many. A vmapped sweep can instead
+shard its run axis along it (:func:`shard_runs`): each device trains its own runs, with no communication.
+Several hosts: call :func:`initialize_distributed` first (``jax.distributed.initialize``); the mesh then
+spans every host's devices and each host feeds the same replicated data (see docs/scaling.md)."""
 
 from __future__ import annotations
 
@@ -53,3 +54,29 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
     return jax.tree.map(put, tree)
+
+
+def shard_runs(tree: Any, mesh: Mesh) -> Any:
+    """Every leaf's leading (run) axis split over the devices of ``mesh``."""
+    sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+    def put(x):
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree)
+
+
+def parallel_mode(mode: str, mesh: Mesh, strategy: str, group_sizes: list[int]) -> str:
+    """``"data"`` or ``"runs"`` for config ``parallel=mode`` (see :class:`~jaxcifar.train.TrainConfig`), given the
+    run strategy (``"single"`` for one run) and the run count of each compiled group."""
+    divides = all(g % mesh.size == 0 for g in group_sizes)
+    if mode == "auto":
+        return "runs" if mesh.size > 1 and strategy == "vmap" and divides else "data"
+    if mode == "runs":
+        if strategy != "vmap":
+            raise ConfigError("parallel='runs' shards a vmapped sweep: pass runs=[...] with run_strategy='vmap'")
+        if not divides:
+            raise ConfigError(f"run groups of {sorted(set(group_sizes))} do not divide over {mesh.size} devices: "
+                              f"use a multiple of {mesh.size} runs (and runs_per_chunk), or parallel='data'")
+    return mode
