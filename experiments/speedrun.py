@@ -27,8 +27,8 @@ AIRBENCH = "airbench94: 94.01 % in 3.83 s on an A100 (the family's record: 94 % 
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = cli.common_parser(__doc__.splitlines()[0], epochs=10, batch_size=1024, out="runs/speedrun")
-    p.set_defaults(batch_size=None, val_size=0.0)
+    p = cli.common_parser(__doc__.splitlines()[0], epochs=10, batch_size=1024, quick_batch_size=256, val_size=0,
+                          quick_val_size=0, out="runs/speedrun")
     p.add_argument("--runs", type=int, default=5, help="number of runs (seeds seed, seed+1, ...)")
     p.add_argument("--tta", type=int, choices=[0, 1, 2], default=2,
                    help="test-time augmentation: 0 none, 1 mirror, 2 mirror and 1-pixel shifts")
@@ -37,7 +37,6 @@ def main(argv: list[str] | None = None) -> None:
     args = cli.parse(p, argv)
     if args.runs < 1:
         p.error("--runs must be at least 1")
-    args.batch_size = args.batch_size or (256 if args.quick else 1024)
     dtype = args.dtype if args.dtype != "auto" else "float32" if jax.default_backend() == "cpu" else "bfloat16"
     out = cli.out_dir(args)
     data = cli.load_data(args)

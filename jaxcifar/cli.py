@@ -15,18 +15,33 @@ from jaxcifar.errors import JaxCifarError
 QUICK_TRAIN, QUICK_TEST, QUICK_EPOCHS = 5000, 1000, 3
 
 
-def common_parser(description: str, *, epochs: int, batch_size: int, out: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100"])
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except ``None`` ones (their help text says what happens)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def _default_text(full: int, quick: int) -> str:
+    return f"default {full}" + (f", {quick} with --quick" if quick != full else ", also with --quick")
+
+
+def common_parser(description: str, *, epochs: int, batch_size: int, out: str, quick_batch_size: int | None = None,
+                  val_size: int = 1000, quick_val_size: int = 500) -> argparse.ArgumentParser:
+    """The options every experiment shares; the ``quick_*`` defaults apply with ``--quick``."""
+    p = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
+    p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100"], help="which CIFAR")
     p.add_argument("--data", metavar="PATH", help="offline copy: ImageFolder directory or zip (default: tfds)")
     p.add_argument("--cache-dir", metavar="DIR", help="decoded-array cache (default ~/.cache/jaxcifar)")
-    p.add_argument("--epochs", type=int, default=None, help=f"default {epochs}, {QUICK_EPOCHS} with --quick")
-    p.set_defaults(full_epochs=epochs)
-    p.add_argument("--batch-size", type=int, default=batch_size)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=None, help=_default_text(epochs, QUICK_EPOCHS))
+    p.set_defaults(full_epochs=epochs, full_batch_size=batch_size, quick_batch_size=quick_batch_size or batch_size,
+                   full_val_size=val_size, quick_val_size=quick_val_size)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=_default_text(batch_size, quick_batch_size or batch_size))
+    p.add_argument("--seed", type=int, default=0, help="seed of initialization, data order and augmentation")
     p.add_argument("--val-size", type=float, default=None,
-                   help="validation examples held out of training (count, or fraction < 1); default 1000, "
-                        "500 with --quick")
+                   help="validation examples held out of training (count, or fraction < 1); "
+                        + _default_text(val_size, quick_val_size))
     p.add_argument("--out", default=out, help="output directory for results and checkpoints")
     p.add_argument("--quick", action="store_true",
                    help="a few-minute CPU version: 5000 training / 1000 test images, 3 epochs")
@@ -58,7 +73,7 @@ def data_line(data: Dataset, val_size: int | float) -> str:
 
 
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """Parse ``argv`` and fill the defaults that depend on ``--quick`` (epochs, validation size)."""
+    """Parse ``argv`` and fill the defaults that depend on ``--quick`` (epochs, batch and validation size)."""
     args = parser.parse_args(argv)
     if getattr(args, "distributed", False):
         from jaxcifar.train.parallel import initialize_distributed
@@ -66,8 +81,10 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
         initialize_distributed()
     if args.epochs is None:
         args.epochs = QUICK_EPOCHS if args.quick else args.full_epochs
+    if args.batch_size is None:
+        args.batch_size = args.quick_batch_size if args.quick else args.full_batch_size
     if args.val_size is None:
-        args.val_size = 500 if args.quick else 1000
+        args.val_size = args.quick_val_size if args.quick else args.full_val_size
     elif args.val_size >= 1 or args.val_size == 0:
         args.val_size = int(args.val_size)
     return args

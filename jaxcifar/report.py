@@ -74,6 +74,13 @@ def _save_figure(fig, path: Path) -> None:
     _pyplot().close(fig)
 
 
+def _integer_epochs(ax) -> None:
+    """Whole-number ticks on an epoch axis."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def plot_curves(histories: Sequence[dict], labels: Sequence[str], path: Path, title: str = "") -> None:
     """One row per run: train vs validation loss (left) and accuracy (right) per epoch, with the
     per-interval training loss as a thin line."""
@@ -92,6 +99,7 @@ def plot_curves(histories: Sequence[dict], labels: Sequence[str], path: Path, ti
         ax_l.set(title=f"{label}: loss", xlabel="epoch", ylabel="cross-entropy")
         ax_a.set(title=f"{label}: accuracy", xlabel="epoch", ylabel="accuracy")
         for ax in (ax_l, ax_a):
+            _integer_epochs(ax)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
     if title:
@@ -107,6 +115,7 @@ def plot_overlay(histories: Sequence[dict], labels: Sequence[str], path: Path, k
     for h, label in zip(histories, labels, strict=True):
         ax.plot(h["epoch"], h[key], "o-", label=label)
     ax.set(xlabel="epoch", ylabel=key.replace("_", " "), title=title)
+    _integer_epochs(ax)
     ax.grid(alpha=0.3)
     ax.legend()
     _save_figure(fig, path)
@@ -124,6 +133,7 @@ def plot_seed_band(histories: Sequence[dict], path: Path, key: str = "val_accura
     ax.fill_between(epochs, mean - std, mean + std, alpha=0.3, label="mean +- std")
     ax.plot(epochs, mean, "o-", lw=2, label=f"mean of {len(values)} seeds")
     ax.set(xlabel="epoch", ylabel=key.replace("_", " "), title=title)
+    _integer_epochs(ax)
     ax.grid(alpha=0.3)
     ax.legend()
     _save_figure(fig, path)

@@ -174,3 +174,19 @@ def test_speedrun_reports_runs_and_resumes(tmp_path):
     bad = run("--data", str(tmp_path / "tiny.zip"), "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
               "--batch-size", "20", "--epochs", "1", "--runs", "3", "--val-size", "0", experiment="speedrun")
     assert bad.returncode == 2 and "different config" in bad.stderr and bad.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_quick_defaults_follow_each_experiment(quick):
+    """``--quick`` picks the experiment's quick epochs/batch/validation size; explicit values win."""
+    from jaxcifar import cli
+
+    flags = ["--quick"] if quick else []
+    sweep = cli.parse(cli.common_parser("x", epochs=20, batch_size=32, out="o"), flags)
+    speed = cli.parse(cli.common_parser("x", epochs=10, batch_size=1024, out="o", quick_batch_size=256,
+                                        val_size=0, quick_val_size=0), flags)
+    assert (sweep.epochs, sweep.batch_size, sweep.val_size) == ((3, 32, 500) if quick else (20, 32, 1000))
+    assert (speed.epochs, speed.batch_size, speed.val_size) == ((3, 256, 0) if quick else (10, 1024, 0))
+    explicit = cli.parse(cli.common_parser("x", epochs=20, batch_size=32, out="o"),
+                         [*flags, "--epochs", "7", "--batch-size", "64", "--val-size", "0.1"])
+    assert (explicit.epochs, explicit.batch_size, explicit.val_size) == (7, 64, 0.1)
