@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,6 +105,38 @@ def test_lookahead_pulls_weights_to_the_slow_average():
     p2 = optax.apply_updates(p1, u)
     decay = 0.5 * (2 / total) ** 3
     np.testing.assert_allclose(p2["w"], decay * 1.0 + (1 - decay) * 0.8, rtol=1e-6)  # synced to the slow weights
+
+
+def test_lookahead_averages_batch_norm_statistics_too(tiny):
+    """On a sync step the batch-norm statistics move to their slow average, like the weights, so the final
+    weights and statistics belong together; between syncs they are the fast ones."""
+    from jaxcifar.data.stats import normalize
+    from jaxcifar.train.optim import LookaheadState
+
+    config = configs.speedrun(epochs=1, batch_size=64, augment=(), lookahead_every=2, lookahead_decay=0.5,
+                              model_kwargs={"widths": (8, 8, 8)})
+    data = prepare_data(tiny, config)
+    fns, _, plateau = build(config, data)
+    s0 = init_state(config, fns, plateau, {}, data.train[0])
+    step = jax.jit(fns.train_step)
+    images, labels = data.train
+    batches = [(images[i * 64:(i + 1) * 64], labels[i * 64:(i + 1) * 64]) for i in range(2)]
+    s1, _ = step(s0, batches[0], jax.random.key(0))
+
+    def lookahead_state(s):
+        return [x for x in jax.tree.leaves(s.opt_state, is_leaf=lambda x: isinstance(x, LookaheadState))
+                if isinstance(x, LookaheadState)][0]
+
+    chex.assert_trees_all_close(lookahead_state(s1).slow_stats, s0.batch_stats)  # no sync yet
+    assert not np.allclose(s1.batch_stats["block0_bn0"]["mean"], s0.batch_stats["block0_bn0"]["mean"])
+    # The fast statistics step 2 produces, then their average with the slow ones (decay ramps up cubically).
+    x = normalize(batches[1][0], fns.mean, fns.std)
+    _, fast = fns.model.apply(s1.variables, x, train=True, mutable=["batch_stats"])
+    decay = 0.5 * (2 / (len(images) // 64)) ** 3
+    s2, _ = step(s1, batches[1], jax.random.key(1))
+    expected = jax.tree.map(lambda a, b: decay * a + (1 - decay) * b, s0.batch_stats, fast["batch_stats"])
+    chex.assert_trees_all_close(s2.batch_stats, expected, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(lookahead_state(s2).slow_stats, s2.batch_stats)
 
 
 def test_triangular_schedule_shape():

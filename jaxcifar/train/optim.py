@@ -137,23 +137,58 @@ def freeze_by_path(rules, steps_per_epoch: int) -> optax.GradientTransformation:
 class LookaheadState(NamedTuple):
     slow: Any  # the slow weights, like params
     count: jax.Array  # int32 []
+    synced: jax.Array  # bool []: the last update moved the weights to the slow average
+    slow_stats: Any = ()  # the slow batch-norm statistics, like batch_stats (set by reset_lookahead)
 
 
-def lookahead(every: int, final_decay: float, total_steps: int) -> optax.GradientTransformation:
+def lookahead(every: int, final_decay: float, total_steps: int) -> optax.GradientTransformationExtraArgs:
     """Lookahead weight averaging: every ``every`` steps (and at the last step) the slow weights move to
     ``decay * slow + (1 - decay) * fast`` and the fast weights are reset to them; ``decay`` ramps up as
     ``final_decay * (step / total_steps)^3``, so early training is not slowed. Must come last in a chain
-    (it needs the finished updates) and needs ``params``."""
-    def init(params):
-        return LookaheadState(jax.tree.map(jnp.copy, params), jnp.zeros((), jnp.int32))
+    (it needs the finished updates) and needs ``params``.
 
-    def update(updates, state, params=None):
+    Batch-norm running statistics are averaged the same way when the update gets them as the extra argument
+    ``batch_stats`` and the state was prepared by :func:`reset_lookahead`; :func:`synced_batch_stats` then
+    gives the statistics to keep (the slow ones on a sync step), so the final weights and statistics match."""
+    def init(params):
+        return LookaheadState(jax.tree.map(jnp.copy, params), jnp.zeros((), jnp.int32), jnp.zeros((), bool))
+
+    def update(updates, state, params=None, *, batch_stats=None, **extra_args):
+        del extra_args
         count = state.count + 1
         sync = (count % every == 0) | (count == total_steps)
         decay = final_decay * (jnp.minimum(count, total_steps) / total_steps) ** 3
-        fast = optax.apply_updates(params, updates)
-        slow = jax.tree.map(lambda s, f: jnp.where(sync, decay * s + (1 - decay) * f, s), state.slow, fast)
+        average = lambda s, f: jnp.where(sync, decay * s + (1 - decay) * f, s)  # noqa: E731
+        slow = jax.tree.map(average, state.slow, optax.apply_updates(params, updates))
         updates = jax.tree.map(lambda u, s, p: jnp.where(sync, s - p, u), updates, slow, params)
-        return updates, LookaheadState(slow, count)
+        slow_stats = state.slow_stats
+        if batch_stats is not None and jax.tree.leaves(batch_stats):
+            if jax.tree.structure(slow_stats) != jax.tree.structure(batch_stats):
+                raise ValueError("lookahead got batch_stats but its state has no slow copy of them: "
+                                 "call reset_lookahead(opt_state, params, batch_stats) after tx.init")
+            slow_stats = jax.tree.map(average, slow_stats, batch_stats)
+        return updates, LookaheadState(slow, count, sync, slow_stats)
 
-    return optax.GradientTransformation(init, update)
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _is_lookahead(x: Any) -> bool:
+    return isinstance(x, LookaheadState)
+
+
+def reset_lookahead(opt_state: Any, params: Any, batch_stats: Any) -> Any:
+    """``opt_state`` whose lookahead (if any) restarts its slow copies from ``params`` and ``batch_stats`` (so
+    it averages the batch-norm statistics too); for a fresh state and after loading other weights."""
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731
+    return jax.tree.map(lambda x: x._replace(slow=copy(params), slow_stats=copy(batch_stats)) if _is_lookahead(x)
+                        else x, opt_state, is_leaf=_is_lookahead)
+
+
+def synced_batch_stats(opt_state: Any, batch_stats: Any) -> Any:
+    """The batch-norm statistics to keep after an update: the lookahead's slow average on a sync step,
+    otherwise ``batch_stats`` (also when there is no lookahead or no statistics)."""
+    found = [x for x in jax.tree.leaves(opt_state, is_leaf=_is_lookahead) if _is_lookahead(x)]
+    if not found or not jax.tree.leaves(batch_stats):
+        return batch_stats
+    la = found[0]
+    return jax.tree.map(lambda s, b: jnp.where(la.synced, s, b), la.slow_stats, batch_stats)

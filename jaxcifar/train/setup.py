@@ -20,7 +20,7 @@ from jaxcifar.data.stats import normalize
 from jaxcifar.models import create_model
 from jaxcifar.train import checkpoint as ckpt
 from jaxcifar.train.config import TrainConfig
-from jaxcifar.train.optim import make_optimizer, make_plateau
+from jaxcifar.train.optim import make_optimizer, make_plateau, reset_lookahead
 from jaxcifar.train.parallel import batch_sharding
 from jaxcifar.train.state import TrainState
 from jaxcifar.train.steps import StepFns
@@ -126,7 +126,7 @@ def init_state(config: TrainConfig, fns: StepFns, plateau_tx, run: dict[str, Any
     if train_images is not None and hasattr(fns.model, "init_from_data"):
         sample = normalize(train_images[:INIT_SAMPLE], fns.mean, fns.std)
         params = fns.model.init_from_data(params, sample)
-    opt_state = fns.tx.init(params)
+    opt_state = reset_lookahead(fns.tx.init(params), params, batch_stats)
     hyper = dict(opt_state.hyperparams)
     for k in ("learning_rate", "weight_decay"):
         hyper[k] = jnp.asarray(run.get(k, getattr(config, k)), jnp.float32)
@@ -147,4 +147,4 @@ def with_body(state: TrainState, body: dict[str, Any]) -> TrainState:
     stats = ckpt.load_body(state.batch_stats, body.get("batch_stats", {})) if state.batch_stats else {}
     fresh = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731  (own buffers: the state is donated)
     return state.replace(params=fresh(params), batch_stats=fresh(stats), best_params=fresh(params),
-                         best_batch_stats=fresh(stats))
+                         best_batch_stats=fresh(stats), opt_state=reset_lookahead(state.opt_state, params, stats))

@@ -19,6 +19,7 @@ import optax
 
 from jaxcifar.data.augment import AugmentFn
 from jaxcifar.data.stats import normalize
+from jaxcifar.train.optim import synced_batch_stats
 from jaxcifar.train.state import TrainState
 
 Metrics = dict[str, jax.Array]
@@ -67,7 +68,9 @@ class StepFns:
             return self.loss(logits, labels).mean(), (logits, new_vars["batch_stats"])
 
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        extra = {"batch_stats": batch_stats} if has_bn else {}  # lookahead averages BN statistics too
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params, **extra)
+        batch_stats = synced_batch_stats(opt_state, batch_stats)
         if state.plateau != ():
             updates = optax.tree.scale(state.plateau.scale, updates)
         state = state.replace(params=optax.apply_updates(state.params, updates), batch_stats=batch_stats,
