@@ -19,6 +19,8 @@ import jax
 import numpy as np
 
 from jaxcifar import cli, configs
+from jaxcifar.data.batching import steps_per_epoch
+from jaxcifar.data.split import validation_count
 from jaxcifar.errors import ConfigError
 from jaxcifar.report import markdown_table, plot_bars, plot_seed_band, seed_statistics, write_json, write_text
 from jaxcifar.train import fit
@@ -80,7 +82,8 @@ def _headline(runs: list[dict]) -> str:
 def _write(out: Path, args, data, config, runs: list[dict], histories: list[dict]) -> None:
     env = runs[0]["environment"]
     stats = seed_statistics([r["test_accuracy"] for r in runs]) if len(runs) > 1 else None
-    steps = config.epochs * (len(data.train) // config.batch_size)
+    train_size = len(data.train) - validation_count(len(data.train), config.val_size)
+    steps = config.epochs * steps_per_epoch(train_size, config.batch_size)
     images_per_second = steps * config.batch_size / np.mean([r["train_seconds"] for r in runs])
     write_json(out / "results.json", {
         "experiment": "speedrun", "data": data.source, "train_size": len(data.train), "test_size": len(data.test),

@@ -95,8 +95,8 @@ def _rule_values(rules, params, key: str, default: float) -> Any:
                 return options.get(key, default)
         return default
 
+    names = [path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
     for pattern, _ in rules:
-        names = [path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
         if not any(re.fullmatch(pattern, n) for n in names):
             raise ConfigError(f"param rule {pattern!r} matches no parameter: names look like {names[:3]}")
     return jax.tree_util.tree_map_with_path(value, params)

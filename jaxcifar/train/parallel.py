@@ -44,27 +44,24 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
-def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Every leaf as a global array with a full copy on each device of ``mesh`` (works across hosts when
-    each host holds the same values)."""
-    sharding = NamedSharding(mesh, PartitionSpec())
-
+def _place(tree: Any, sharding: NamedSharding) -> Any:
+    """Every leaf as a global array laid out by ``sharding``, each device taking its part of the host value
+    (works across hosts when each host holds the same values)."""
     def put(x):
         host = np.asarray(x)
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
     return jax.tree.map(put, tree)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Every leaf as a global array with a full copy on each device of ``mesh``."""
+    return _place(tree, NamedSharding(mesh, PartitionSpec()))
 
 
 def shard_runs(tree: Any, mesh: Mesh) -> Any:
     """Every leaf's leading (run) axis split over the devices of ``mesh``."""
-    sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-
-    def put(x):
-        host = np.asarray(x)
-        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-    return jax.tree.map(put, tree)
+    return _place(tree, batch_sharding(mesh))
 
 
 def parallel_mode(mode: str, mesh: Mesh, strategy: str, group_sizes: list[int]) -> str:

@@ -57,17 +57,20 @@ def prepare_data(dataset: Dataset, config: TrainConfig, per_run_split: bool = Fa
     val: Split | None = None
     split_seed = config.seed if config.split_seed is None else config.split_seed
     if per_run_split and config.val_size:
-        mean, std = channel_stats(train.images) if config.normalize else (np.zeros(3), np.ones(3))
-        images, labels = jax.device_put(train.images), jax.device_put(train.labels.astype(np.int32))
-        return PreparedData((images, labels), (images, labels), _put(dataset.test), tuple(map(float, mean)),
-                            tuple(map(float, std)), dataset.num_classes,
-                            validation_count(len(train), config.val_size), config.stratified_split)
+        images, labels = _put(train)
+        return PreparedData((images, labels), (images, labels), _put(dataset.test), *_input_stats(train, config),
+                            dataset.num_classes, validation_count(len(train), config.val_size),
+                            config.stratified_split)
     if config.val_size:
         train, val = train_val_split(dataset.train, config.val_size, split_seed, stratified=config.stratified_split)
-    mean, std = channel_stats(train.images) if config.normalize else (np.zeros(3), np.ones(3))
+    return PreparedData(_put(train), _put(val), _put(dataset.test), *_input_stats(train, config),
+                        dataset.num_classes)
 
-    return PreparedData(_put(train), _put(val), _put(dataset.test), tuple(map(float, mean)),
-                        tuple(map(float, std)), dataset.num_classes)
+
+def _input_stats(train: Split, config: TrainConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` per channel of ``train``'s images, or zeros/ones when ``config.normalize`` is False."""
+    mean, std = channel_stats(train.images) if config.normalize else (np.zeros(3), np.ones(3))
+    return tuple(map(float, mean)), tuple(map(float, std))
 
 
 def _put(s: Split | None) -> tuple[jax.Array, jax.Array] | None:
