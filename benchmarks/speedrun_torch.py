@@ -27,7 +27,7 @@ MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 class BatchNorm(nn.BatchNorm2d):
     def __init__(self, channels: int):
-        super().__init__(channels, momentum=0.6, eps=1e-12)
+        super().__init__(channels, momentum=0.4, eps=1e-12)  # running = 0.6 * running + 0.4 * batch
         self.weight.requires_grad = False  # no scale
 
 

@@ -15,8 +15,8 @@ from jaxcifar.report import markdown_table, write_text
 from jaxcifar.study import run_study
 
 
-def variants(common: dict) -> dict:
-    full = configs.improved(**common)
+def variants(common: dict, width: int = 1) -> dict:
+    full = configs.improved(width, **common)
     mk = full.model_kwargs
     return {
         "full": full,
@@ -34,12 +34,16 @@ def variants(common: dict) -> dict:
 def main(argv: list[str] | None = None) -> None:
     p = cli.common_parser(__doc__.splitlines()[0], epochs=20, batch_size=128, out="runs/improved")
     p.add_argument("--only", nargs="+", metavar="VARIANT", help="train only these variants (see report)")
+    p.add_argument("--width", type=int, default=1, help="multiply the recipe's conv channels (32/64/128 at 1)")
     args = cli.parse(p, argv)
     out = cli.out_dir(args)
     data = cli.load_data(args)
     common = {"epochs": args.epochs, "val_size": args.val_size, "seed": args.seed, "devices": args.devices}
     # --batch-size applies to the recipe's variants; the classic baseline keeps its batch of 32.
-    chosen = {k: v if k == "baseline" else v.replace(batch_size=args.batch_size) for k, v in variants(common).items()}
+    if args.width < 1:
+        p.error(f"--width must be a positive integer, got {args.width}")
+    chosen = {k: v if k == "baseline" else v.replace(batch_size=args.batch_size)
+              for k, v in variants(common, args.width).items()}
     if args.only:
         unknown = set(args.only) - set(chosen)
         if unknown:

@@ -19,12 +19,17 @@ def baseline(**overrides: Any) -> TrainConfig:
     return TrainConfig(**{**base, **overrides})
 
 
-def improved(**overrides: Any) -> TrainConfig:
+def improved(width: int = 1, **overrides: Any) -> TrainConfig:
     """The known improvements together: same-padded ConvNet with BatchNorm and GELU, dropout after the conv
     blocks and before the classifier, flip + crop + small rotation + colour jitter, AdamW with decoupled
-    weight decay and a cosine schedule with warm-up, label smoothing."""
+    weight decay and a cosine schedule with warm-up, label smoothing.
+
+    ``width`` multiplies the conv channels (32-32 / 64-64 / 128-128 at 1). Width 1 trains at about 520
+    images/s on a 2-core CPU (20 epochs in about 35 min); width 2 costs about 3x as much (about 175 images/s).
+    """
+    channels = tuple((32 * m * width, 32 * m * width) for m in (1, 2, 4))
     base = dict(model="convnet",
-                model_kwargs={"channels": ((64, 64), (128, 128), (256, 256)), "padding": "SAME",
+                model_kwargs={"channels": channels, "padding": "SAME",
                               "batch_norm": True, "activation": "gelu", "dropout_at": ("blocks", "head"),
                               "dense": (512,)},
                 dropout_rate=0.2, optimizer="adamw", learning_rate=2e-3, weight_decay=5e-2, batch_size=128,

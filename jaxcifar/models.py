@@ -195,13 +195,14 @@ class SpeedrunNet(nn.Module):
     """The airbench class of fast CIFAR-10 net: a frozen 2x2 patch-whitening conv (trainable bias), GELU,
     then per width a block conv3x3-maxpool-BN-GELU-conv3x3-BN-GELU (widths 64/256/256; 31 -> 15 -> 7 -> 3),
     global max-pooling and a bias-free classifier scaled by ``logit_scale``. Batch norm has no scale and a fast
-    running average (``momentum=0.4`` here is PyTorch's 0.6); convs start as partial identities.
+    running average that keeps 0.6 of the old statistics per step (airbench's ``batchnorm_momentum=0.6``,
+    PyTorch ``momentum=0.4``); convs start as partial identities.
     ``init_from_data`` sets the whitening kernel from training images (``fit`` calls it)."""
 
     num_classes: int = 10
     widths: Sequence[int] = (64, 256, 256)
     whiten_size: int = 2
-    bn_momentum: float = 0.4
+    bn_momentum: float = 0.6
     bn_epsilon: float = 1e-12
     logit_scale: float = 1 / 9
     activation: str = "gelu"

@@ -89,6 +89,8 @@ def test_param_rule_errors_are_clear():
         train_loop.validate_config(TrainConfig(param_rules=(("(", {}),)))
     with pytest.raises(ConfigError, match="unknown keys"):
         train_loop.validate_config(TrainConfig(param_rules=(("head/.*", {"lr": 2}),)))
+    with pytest.raises(ConfigError, match="plateau_patience and lookahead_every cannot be combined"):
+        train_loop.validate_config(TrainConfig(plateau_patience=2, lookahead_every=5))
 
 
 def test_lookahead_pulls_weights_to_the_slow_average():

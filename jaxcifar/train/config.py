@@ -137,6 +137,9 @@ def validate_config(c: TrainConfig, train_size: int | None = None) -> None:
     _check(c.tta in (0, 1, 2), f"tta {c.tta} must be 0 (none), 1 (mirror) or 2 (mirror and shifts)")
     _check(c.lookahead_every is None or c.lookahead_every >= 1, "lookahead_every must be >= 1 or None")
     _check(0.0 <= c.lookahead_decay < 1.0, f"lookahead_decay {c.lookahead_decay} must be in [0, 1)")
+    _check(c.plateau_patience is None or c.lookahead_every is None,
+           "plateau_patience and lookahead_every cannot be combined (the plateau scale would also shrink "
+           "lookahead's sync step): use a schedule with lookahead, or drop lookahead_every")
     _check(c.lr_start_factor >= 0 and c.lr_end_factor >= 0, "lr_start_factor and lr_end_factor must be >= 0")
     for rule in c.param_rules:
         _check_rule(rule)
