@@ -51,7 +51,7 @@ def seed_statistics(values: Sequence[float]) -> dict[str, float]:
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     def fmt(v):
-        return f"{v:.4f}" if isinstance(v, float) else str(v)
+        return f"{v:.4f}" if isinstance(v, float) else "-" if v is None else str(v)
 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
@@ -93,9 +93,10 @@ def plot_curves(histories: Sequence[dict], labels: Sequence[str], path: Path, ti
             ax_l.plot(at, h["interval"]["loss"], lw=0.7, alpha=0.5, label="train (every log interval)")
             ax_a.plot(at, h["interval"]["accuracy"], lw=0.7, alpha=0.5, label="train (every log interval)")
         ax_l.plot(h["epoch"], h["train_loss"], "o-", label="train")
-        ax_l.plot(h["epoch"], h["val_loss"], "s-", label="validation")
         ax_a.plot(h["epoch"], h["train_accuracy"], "o-", label="train")
-        ax_a.plot(h["epoch"], h["val_accuracy"], "s-", label="validation")
+        if _has(h, "val_loss"):
+            ax_l.plot(h["epoch"], h["val_loss"], "s-", label="validation")
+            ax_a.plot(h["epoch"], h["val_accuracy"], "s-", label="validation")
         ax_l.set(title=f"{label}: loss", xlabel="epoch", ylabel="cross-entropy")
         ax_a.set(title=f"{label}: accuracy", xlabel="epoch", ylabel="accuracy")
         for ax in (ax_l, ax_a):
@@ -107,10 +108,23 @@ def plot_curves(histories: Sequence[dict], labels: Sequence[str], path: Path, ti
     _save_figure(fig, path)
 
 
+def _has(h: dict, key: str) -> bool:
+    """Whether history ``h`` recorded ``key`` (validation entries are None when a run had no validation split)."""
+    return all(v is not None for v in h[key])
+
+
+def _curve_key(histories: Sequence[dict], key: str) -> str:
+    """``key``, or its training counterpart when a run has no validation split to plot."""
+    if key.startswith("val_") and not all(_has(h, key) for h in histories):
+        return "train_" + key[len("val_"):]
+    return key
+
+
 def plot_overlay(histories: Sequence[dict], labels: Sequence[str], path: Path, key: str = "val_accuracy",
                  title: str = "") -> None:
     """``key`` per epoch for every run on one axis."""
     plt = _pyplot()
+    key = _curve_key(histories, key)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for h, label in zip(histories, labels, strict=True):
         ax.plot(h["epoch"], h[key], "o-", label=label)
@@ -124,6 +138,7 @@ def plot_overlay(histories: Sequence[dict], labels: Sequence[str], path: Path, k
 def plot_seed_band(histories: Sequence[dict], path: Path, key: str = "val_accuracy", title: str = "") -> None:
     """``key`` per epoch: every seed as a thin line, their mean and a +-1 std band."""
     plt = _pyplot()
+    key = _curve_key(histories, key)
     epochs = np.asarray(histories[0]["epoch"])
     values = np.asarray([h[key] for h in histories], np.float64)
     mean, std = values.mean(0), values.std(0, ddof=1) if len(values) > 1 else np.zeros(len(epochs))

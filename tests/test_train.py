@@ -48,6 +48,10 @@ def test_overfits_a_small_batch(tiny):
     cfg = FAST.replace(epochs=15, val_size=0, optimizer="adam", learning_rate=3e-3, batch_size=32)
     result = fit(cfg, small, progress=False)
     assert result.history["train_accuracy"][-1] >= 0.98, result.history["train_accuracy"]
+    # no validation split: nothing is recorded as validation, and the summary says selection used training
+    assert result.history["val_accuracy"] == [None] * 15 and result.history["val_loss"] == [None] * 15
+    assert result.summary["selected_on"] == "training"
+    assert result.summary["best_val_accuracy"] == pytest.approx(max(result.history["train_accuracy"]), abs=1e-6)
 
 
 def test_same_seed_same_numbers_other_seed_differs(tiny):

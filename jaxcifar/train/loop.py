@@ -318,7 +318,8 @@ def _fit_group(config, data, fns, plateau_tx, runs, vmapped, strategy, checkpoin
         bar.close()
         train_m = jax.device_get(jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=-1), *chunk_metrics))
         train_m = {k: np.asarray(v).reshape(len(runs), spe) for k, v in train_m.items()}
-        if data.val is not None:
+        has_val = data.val is not None
+        if has_val:
             val_m = eval_split("evaluate_val", "val")
         else:  # no validation split: select on training metrics
             val_m = {"loss": train_m["loss"].mean(-1), "accuracy": train_m["accuracy"].mean(-1)}
@@ -333,7 +334,8 @@ def _fit_group(config, data, fns, plateau_tx, runs, vmapped, strategy, checkpoin
         lrs = np.asarray(jax.device_get(c["current_lr"](state))).reshape(len(runs))
         seconds = time.perf_counter() - t0
         for r, h in enumerate(histories):
-            _append_epoch(h, epoch, spe, config.log_every, train_m, r, val_loss[r], val_acc[r], lrs[r], seconds)
+            _append_epoch(h, epoch, spe, config.log_every, train_m, r, val_loss[r] if has_val else None,
+                          val_acc[r] if has_val else None, lrs[r], seconds)
         if progress:
             tqdm.write(f"epoch {epoch}/{config.epochs}: train loss {train_m['loss'].mean():.4f} "
                        f"acc {train_m['accuracy'].mean():.4f} | val loss {val_loss.mean():.4f} "
@@ -356,6 +358,8 @@ def _fit_group(config, data, fns, plateau_tx, runs, vmapped, strategy, checkpoin
         pick = lambda m, k: float(np.asarray(m[k]).reshape(len(runs))[r])  # noqa: E731, B023
         summaries.append({
             "best_val_accuracy": float(best_acc[r]), "best_epoch": int(best_ep[r]),
+            # without a validation split the best epoch is chosen on (and best_val_accuracy is) training accuracy
+            "selected_on": "validation" if data.val is not None else "training",
             "test_accuracy": pick(test_best, "accuracy"), "test_loss": pick(test_best, "loss"),
             "final_test_accuracy": pick(test_final, "accuracy"), "epochs_run": len(histories[r]["epoch"]),
         })
@@ -368,8 +372,8 @@ def _append_epoch(h, epoch, spe, log_every, train_m, r, val_loss, val_acc, lr, s
     h["epoch"].append(epoch)
     h["train_loss"].append(float(loss.mean()))
     h["train_accuracy"].append(float(acc.mean()))
-    h["val_loss"].append(float(val_loss))
-    h["val_accuracy"].append(float(val_acc))
+    h["val_loss"].append(None if val_loss is None else float(val_loss))  # None: no validation split
+    h["val_accuracy"].append(None if val_acc is None else float(val_acc))
     h["lr"].append(float(lr))
     h["epoch_seconds"].append(seconds)
     for end in range(log_every, spe + 1, log_every):
