@@ -296,6 +296,8 @@ def _fit_group(config, data, fns, plateau_tx, runs, vmapped, strategy, checkpoin
         _check_resumable(saved, meta, checkpoint_dir)
         histories = saved["histories"]
     start_epoch = int(np.max(jax.device_get(state.epoch)))
+    if progress and start_epoch:
+        tqdm.write(f"resuming after epoch {start_epoch} from {checkpoint_dir} (--no-resume starts over)")
 
     t0 = time.perf_counter()
     if start_epoch < config.epochs:
@@ -306,13 +308,17 @@ def _fit_group(config, data, fns, plateau_tx, runs, vmapped, strategy, checkpoin
         order_idx = c["epoch_order"](state.rng, epoch, train_index)
         chunk_metrics = []
         bar = tqdm(total=spe, desc=f"epoch {epoch}/{config.epochs}", unit="step", disable=not progress, leave=False)
-        next_log = config.log_every
+        next_log, finished = config.log_every, None
         for lo, done in bounds:
             state, m = c["run_chunk"](state, data.train[0], data.train[1], order_idx[..., lo:done, :])
             chunk_metrics.append(m)
-            bar.update(done - bar.n)
+            if finished is not None:  # the bar counts finished steps; the chunk just dispatched keeps running
+                jax.block_until_ready(finished[1])
+                bar.update(max(finished[0] - bar.n, 0))
+            finished = (done, m["loss"])
             if done >= next_log or done == spe:  # metrics come back once per logging interval
                 last = jax.device_get(m)
+                bar.update(done - bar.n)
                 bar.set_postfix(loss=f"{np.mean(last['loss']):.3f}", acc=f"{np.mean(last['accuracy']):.3f}")
                 next_log += config.log_every
         bar.close()
