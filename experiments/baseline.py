@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> None:
         "The model is saved with Orbax in `checkpoints/` (latest and best); load it with "
         "`jaxcifar.train.restore(dir, target, 'best')` or run `python -m experiments.predictions`.",
     ]) + "\n")
-    print(f"best val {s['best_val_accuracy']:.4f} (epoch {s['best_epoch']}), test {s['test_accuracy']:.4f}; "
-          f"results in {out}")
+    print(f"best {s['selected_on']} acc {s['best_val_accuracy']:.4f} (epoch {s['best_epoch']}), "
+          f"test {s['test_accuracy']:.4f}; results in {out}")
 
 
 if __name__ == "__main__":

@@ -299,6 +299,7 @@ def _fit_group(config, data, fns, plateau_tx, runs, vmapped, strategy, checkpoin
     if progress and start_epoch:
         tqdm.write(f"resuming after epoch {start_epoch} from {checkpoint_dir} (--no-resume starts over)")
 
+    has_val = data.val is not None  # without a validation split, the best epoch is picked on training metrics
     t0 = time.perf_counter()
     if start_epoch < config.epochs:
         _precompile(c, state, data, bounds, plans, len(runs) if vmapped else None, train_index)
@@ -312,9 +313,9 @@ def _fit_group(config, data, fns, plateau_tx, runs, vmapped, strategy, checkpoin
         for lo, done in bounds:
             state, m = c["run_chunk"](state, data.train[0], data.train[1], order_idx[..., lo:done, :])
             chunk_metrics.append(m)
-            if finished is not None:  # the bar counts finished steps; the chunk just dispatched keeps running
+            if progress and finished is not None:  # the bar counts finished steps; the new chunk keeps running
                 jax.block_until_ready(finished[1])
-                bar.update(max(finished[0] - bar.n, 0))
+                bar.update(finished[0] - bar.n)
             finished = (done, m["loss"])
             if done >= next_log or done == spe:  # metrics come back once per logging interval
                 last = jax.device_get(m)
@@ -324,10 +325,9 @@ def _fit_group(config, data, fns, plateau_tx, runs, vmapped, strategy, checkpoin
         bar.close()
         train_m = jax.device_get(jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=-1), *chunk_metrics))
         train_m = {k: np.asarray(v).reshape(len(runs), spe) for k, v in train_m.items()}
-        has_val = data.val is not None
         if has_val:
             val_m = eval_split("evaluate_val", "val")
-        else:  # no validation split: select on training metrics
+        else:
             val_m = {"loss": train_m["loss"].mean(-1), "accuracy": train_m["accuracy"].mean(-1)}
         val_loss = np.asarray(val_m["loss"], np.float32).reshape(len(runs))
         val_acc = np.asarray(val_m["accuracy"], np.float32).reshape(len(runs))
@@ -344,8 +344,9 @@ def _fit_group(config, data, fns, plateau_tx, runs, vmapped, strategy, checkpoin
                           val_acc[r] if has_val else None, lrs[r], seconds)
         if progress:
             tqdm.write(f"epoch {epoch}/{config.epochs}: train loss {train_m['loss'].mean():.4f} "
-                       f"acc {train_m['accuracy'].mean():.4f} | val loss {val_loss.mean():.4f} "
-                       f"acc {val_acc.mean():.4f} | {seconds:.1f}s")
+                       f"acc {train_m['accuracy'].mean():.4f} | "
+                       + (f"val loss {val_loss.mean():.4f} acc {val_acc.mean():.4f} | " if has_val else "")
+                       + f"{seconds:.1f}s")
         if manager is not None:
             ckpt.save(manager, epoch, state, {**meta, "histories": histories}, float(val_acc.mean()))
         if on_epoch_end is not None:
@@ -364,8 +365,7 @@ def _fit_group(config, data, fns, plateau_tx, runs, vmapped, strategy, checkpoin
         pick = lambda m, k: float(np.asarray(m[k]).reshape(len(runs))[r])  # noqa: E731, B023
         summaries.append({
             "best_val_accuracy": float(best_acc[r]), "best_epoch": int(best_ep[r]),
-            # without a validation split the best epoch is chosen on (and best_val_accuracy is) training accuracy
-            "selected_on": "validation" if data.val is not None else "training",
+            "selected_on": "validation" if has_val else "training",  # training: best_val_accuracy is training's
             "test_accuracy": pick(test_best, "accuracy"), "test_loss": pick(test_best, "loss"),
             "final_test_accuracy": pick(test_final, "accuracy"), "epochs_run": len(histories[r]["epoch"]),
         })
