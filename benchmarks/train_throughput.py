@@ -28,8 +28,8 @@ def bench_jax(model: str, batch: int, loop: str, steps: int, chunk: int = 16) ->
     cfg = TrainConfig(model=model, batch_size=batch, val_size=0,
                       model_kwargs={"hidden": (512, 512)} if model == "mlp" else {})
     data = prepare_data(synthetic_cifar(2048, 16), cfg)
-    fns, _, _ = build(cfg, data)
-    state = init_state(cfg, fns, None, {})
+    fns = build(cfg, data)
+    state = init_state(cfg, fns)
     images, labels = data.train
     rng = np.random.default_rng(0)
     if loop == "python":

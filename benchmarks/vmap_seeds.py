@@ -29,14 +29,14 @@ def bench(model: str, batch: int, k: int, strategy: str, steps_per_call: int, ca
     """(aggregate images/s, compile s, program bytes) for ``k`` runs (``strategy`` "single" for one run)."""
     cfg = TrainConfig(model=model, batch_size=batch, val_size=0)
     data = prepare_data(synthetic_cifar(4096, 16), cfg)
-    fns, _, _ = build(cfg, data)
+    fns = build(cfg, data)
     runner = make_chunk_runner(fns, unroll=True if jax.default_backend() == "cpu" else 1)
     rng = np.random.default_rng(0)
     if strategy == "single":
-        state = init_state(cfg, fns, None, {})
+        state = init_state(cfg, fns)
         fn, shape = runner, (calls, steps_per_call, batch)
     else:
-        state = stack_states([init_state(cfg, fns, None, {"seed": s}) for s in range(k)])
+        state = stack_states([init_state(cfg, fns, {"seed": s}) for s in range(k)])
         fn, shape = over_runs(runner, (0, None, None, 0), strategy), (calls, k, steps_per_call, batch)
     index = jnp.asarray(rng.integers(0, 4096, shape), jnp.int32)
     t = time.perf_counter()

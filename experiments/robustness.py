@@ -11,7 +11,15 @@ val_accuracy.png (mean curve, +-std band, every seed) and checkpoints/ (resumabl
 from __future__ import annotations
 
 from jaxcifar import cli, configs
-from jaxcifar.report import markdown_table, plot_seed_band, seed_statistics, write_json, write_text
+from jaxcifar.report import (
+    markdown_table,
+    plot_seed_band,
+    plural,
+    seed_statistics,
+    selection_split,
+    write_json,
+    write_text,
+)
 from jaxcifar.train import fit
 
 RECIPES = {"baseline": configs.baseline, "improved": configs.improved}
@@ -51,7 +59,8 @@ def main(argv: list[str] | None = None) -> None:
         "statistics": stats, "histories": result.histories, "meta": result.meta,
     })
     plot_seed_band(result.histories, out / "val_accuracy.png",
-                   title=f"{args.recipe}: validation accuracy over {args.seeds} seeds")
+                   title=f"{args.recipe}: {selection_split(result.histories)} accuracy over "
+                         f"{plural(args.seeds, 'seed')}")
     rows = [[r["seed"], s["best_val_accuracy"], s["best_epoch"], s["test_accuracy"]]
             for r, s in zip(runs, result.summaries, strict=True)]
     srows = [[k, v["mean"], v["std"], v["min"], v["max"], f"[{v['ci95_low']:.4f}, {v['ci95_high']:.4f}]"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -51,6 +52,9 @@ def common_parser(description: str, *, epochs: int, batch_size: int, out: str, q
                    help="data-parallel over the first N devices (default: all); the batch must divide by N")
     p.add_argument("--distributed", action="store_true",
                    help="multi-host: call jax.distributed.initialize() first (see docs/scaling.md)")
+    p.add_argument("--compile-cache", metavar="DIR", default=os.environ.get("JAXCIFAR_COMPILE_CACHE"),
+                   help="keep compiled programs in DIR across runs (JAX's persistent compilation cache; "
+                        "default: $JAXCIFAR_COMPILE_CACHE, unset = off)")
     return p
 
 
@@ -75,6 +79,10 @@ def data_line(data: Dataset, val_size: int | float) -> str:
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """Parse ``argv`` and fill the defaults that depend on ``--quick`` (epochs, batch and validation size)."""
     args = parser.parse_args(argv)
+    if getattr(args, "compile_cache", None):
+        from jaxcifar.train.compilation import enable_compile_cache
+
+        enable_compile_cache(args.compile_cache)
     if getattr(args, "distributed", False):
         from jaxcifar.train.parallel import initialize_distributed
 

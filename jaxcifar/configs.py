@@ -40,7 +40,7 @@ def improved(width: int = 1, **overrides: Any) -> TrainConfig:
 
 def cifar100(**overrides: Any) -> TrainConfig:
     """The CIFAR-100 study default: Adam lr 1e-4, batch 256, 20 epochs (model set per variant)."""
-    base = dict(optimizer="adam", learning_rate=1e-4, momentum=0.9, batch_size=256, epochs=20, val_size=1000,
+    base = dict(optimizer="adam", learning_rate=1e-4, batch_size=256, epochs=20, val_size=1000,
                 log_every=50)
     return TrainConfig(**{**base, **overrides})
 

@@ -74,11 +74,27 @@ def _save_figure(fig, path: Path) -> None:
     _pyplot().close(fig)
 
 
-def _integer_epochs(ax) -> None:
-    """Whole-number ticks on an epoch axis."""
+def _integer_epochs(ax, epochs: Sequence[int]) -> None:
+    """Whole-number ticks on an epoch axis: each epoch when there are few (one epoch would otherwise get
+    fractional ticks around it), else at most about ten."""
     from matplotlib.ticker import MaxNLocator
 
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if len(epochs) <= 10:
+        ax.set_xticks(list(epochs))
+        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def selection_split(histories: Sequence[dict]) -> str:
+    """``"validation"``, or ``"training"`` when a run had no validation split (its best epoch and the curves
+    plotted for "validation" are then training figures)."""
+    return "validation" if all(_has(h, "val_accuracy") for h in histories) else "training"
+
+
+def plural(n: int, word: str) -> str:
+    """``"1 seed"``, ``"3 seeds"``."""
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def plot_curves(histories: Sequence[dict], labels: Sequence[str], path: Path, title: str = "") -> None:
@@ -100,7 +116,7 @@ def plot_curves(histories: Sequence[dict], labels: Sequence[str], path: Path, ti
         ax_l.set(title=f"{label}: loss", xlabel="epoch", ylabel="cross-entropy")
         ax_a.set(title=f"{label}: accuracy", xlabel="epoch", ylabel="accuracy")
         for ax in (ax_l, ax_a):
-            _integer_epochs(ax)
+            _integer_epochs(ax, h["epoch"])
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
     if title:
@@ -129,7 +145,7 @@ def plot_overlay(histories: Sequence[dict], labels: Sequence[str], path: Path, k
     for h, label in zip(histories, labels, strict=True):
         ax.plot(h["epoch"], h[key], "o-", label=label)
     ax.set(xlabel="epoch", ylabel=key.replace("_", " "), title=title)
-    _integer_epochs(ax)
+    _integer_epochs(ax, histories[0]["epoch"])
     ax.grid(alpha=0.3)
     ax.legend()
     _save_figure(fig, path)
@@ -146,9 +162,9 @@ def plot_seed_band(histories: Sequence[dict], path: Path, key: str = "val_accura
     for v in values:
         ax.plot(epochs, v, color="gray", lw=0.8, alpha=0.5)
     ax.fill_between(epochs, mean - std, mean + std, alpha=0.3, label="mean +- std")
-    ax.plot(epochs, mean, "o-", lw=2, label=f"mean of {len(values)} seeds")
+    ax.plot(epochs, mean, "o-", lw=2, label=f"mean of {plural(len(values), 'seed')}")
     ax.set(xlabel="epoch", ylabel=key.replace("_", " "), title=title)
-    _integer_epochs(ax)
+    _integer_epochs(ax, epochs)
     ax.grid(alpha=0.3)
     ax.legend()
     _save_figure(fig, path)

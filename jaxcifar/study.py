@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxcifar.data import Dataset
-from jaxcifar.report import markdown_table, plot_overlay, write_json, write_text
+from jaxcifar.report import markdown_table, plot_overlay, selection_split, write_json, write_text
 from jaxcifar.train import TrainConfig, fit
 
 HEADER = ["variant", "best val acc", "best epoch", "test acc (best-val weights)", "test acc (last epoch)",
@@ -40,7 +40,7 @@ def run_study(name: str, variants: Mapping[str, TrainConfig], data: Dataset, out
     rows = [[v, x["summary"]["best_val_accuracy"], x["summary"]["best_epoch"], x["summary"]["test_accuracy"],
              x["summary"]["final_test_accuracy"], round(x["train_seconds"])] for v, x in results.items()]
     plot_overlay(list(histories.values()), list(histories), out / "val_accuracy.png",
-                 title=f"{name}: validation accuracy")
+                 title=f"{name}: {selection_split(list(histories.values()))} accuracy")
     data_line = f"Data: {data.source}, {len(data.train)} training images, {len(data.test)} test."
     write_text(out / "report.md", "\n\n".join([f"# {name}", intro, data_line, markdown_table(HEADER, rows),
                                                "![validation accuracy](val_accuracy.png)"]) + "\n")

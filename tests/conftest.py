@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -13,6 +15,22 @@ from PIL import Image
 from jaxcifar.data.synthetic import synthetic_cifar
 
 CLASSES = ("cat", "dog", "frog")
+
+
+def pytest_configure(config) -> None:
+    """One persistent compilation cache for this test session, in a new temporary directory: a program that
+    several tests (or the experiment subprocesses) compile is compiled once. Compiled programs are reused
+    only for an identical program (same HLO, XLA flags and jax version), so no result depends on it; set
+    JAXCIFAR_TEST_COMPILE_CACHE=0 to run without it."""
+    if os.environ.get("JAXCIFAR_TEST_COMPILE_CACHE", "1") == "0":
+        return
+    from jaxcifar.train import enable_compile_cache
+
+    cache = tempfile.mkdtemp(prefix="jaxcifar-test-compile-cache-")
+    enable_compile_cache(cache)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = cache  # the experiments' subprocesses share it
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 
 def png_bytes(img: np.ndarray) -> bytes:

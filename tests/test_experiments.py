@@ -49,7 +49,7 @@ def test_dropout_sweep_writes_report_and_resumes(tmp_path):
         assert (out / name).stat().st_size > 0
     res = json.loads((out / "results.json").read_text())
     assert [r["dropout_rate"] for r in res["runs"]] == [0.0, 0.5]
-    assert res["meta"]["vmapped"] and res["meta"]["environment"]["packages"]["jax"]
+    assert res["meta"]["run_axis"] and res["meta"]["environment"]["packages"]["jax"]
     assert "Winner" in (out / "report.md").read_text()
     # A second call with more epochs resumes from the checkpoint: epoch 1 is not trained again.
     second = run(*common, "--epochs", "2")
@@ -83,7 +83,9 @@ def test_robustness_reports_seed_statistics(tmp_path):
 
 
 def test_baseline_writes_report_and_model(tmp_path):
-    out, res = run_tiny(tmp_path, "baseline", "--batch-size", "25", "--epochs", "2")
+    cache = tmp_path / "compile-cache"
+    out, res = run_tiny(tmp_path, "baseline", "--batch-size", "25", "--epochs", "2", "--compile-cache", str(cache))
+    assert len(list(cache.iterdir())) >= res["meta"]["compilations"] > 0  # every compiled program was kept
     assert res["history"]["epoch"] == [1, 2] and 1 <= res["summary"]["best_epoch"] <= 2
     assert res["summary"]["best_val_accuracy"] == max(res["history"]["val_accuracy"])
     assert res["config"]["optimizer"] == "sgd" and res["config"]["learning_rate"] == 1e-3

@@ -18,6 +18,7 @@ from jaxcifar.errors import ConfigError
 from jaxcifar.models import SpeedrunNet, partial_identity, patch_whitening_kernel
 from jaxcifar.train import TrainConfig, build, fit, init_state, make_optimizer, prepare_data, unit_schedule
 from jaxcifar.train import loop as train_loop
+from jaxcifar.train.program import PROGRAMS
 
 REAL_ZIP = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10_jpeg.zip"
 
@@ -118,8 +119,8 @@ def test_lookahead_averages_batch_norm_statistics_too(tiny):
     config = configs.speedrun(epochs=1, batch_size=64, augment=(), lookahead_every=2, lookahead_decay=0.5,
                               model_kwargs={"widths": (8, 8, 8)})
     data = prepare_data(tiny, config)
-    fns, _, plateau = build(config, data)
-    s0 = init_state(config, fns, plateau, {}, data.train[0])
+    fns = build(config, data)
+    s0 = init_state(config, fns, None, data.train[0])
     step = jax.jit(fns.train_step)
     images, labels = data.train
     batches = [(images[i * 64:(i + 1) * 64], labels[i * 64:(i + 1) * 64]) for i in range(2)]
@@ -153,8 +154,8 @@ def test_mirror_tta_is_flip_invariant(tiny):
     images = data.test[0][:8]
     for tta, invariant in ((0, False), (1, True)):
         config = configs.speedrun(tta=tta, batch_size=64)
-        fns, _, plateau = build(config, data)
-        variables = init_state(config, fns, plateau, {}, data.train[0]).variables
+        fns = build(config, data)
+        variables = init_state(config, fns, None, data.train[0]).variables
         a, b = fns.logits(variables, images), fns.logits(variables, images[:, :, ::-1])
         assert np.allclose(a, b, atol=1e-5) == invariant
 
@@ -162,12 +163,13 @@ def test_mirror_tta_is_flip_invariant(tiny):
 def test_second_fit_reuses_the_compiled_program(tiny):
     config = configs.speedrun(epochs=1, batch_size=64, val_size=0, unroll=2)
     first = fit(config, tiny, progress=False)
-    programs = len(train_loop._PROGRAMS)
+    programs = len(PROGRAMS)
     second = fit(config.replace(seed=1), tiny, progress=False)
-    assert len(train_loop._PROGRAMS) == programs  # same program: nothing traced or compiled again
+    assert len(PROGRAMS) == programs  # same program: nothing traced or compiled again
+    assert first.meta["compilations"] > 0 and second.meta["compilations"] == 0
     assert second.history["train_loss"] != first.history["train_loss"]  # but a different run
     # The frozen whitening kernel is still the data-derived one after training.
-    fresh = init_state(config, second.fns, None, {}, prepare_data(tiny, config).train[0])
+    fresh = init_state(config, second.fns, None, prepare_data(tiny, config).train[0])
     np.testing.assert_allclose(second.state.params["whiten"]["kernel"], fresh.params["whiten"]["kernel"])
 
 

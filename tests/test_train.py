@@ -32,8 +32,8 @@ def strip_times(histories):
 def test_loss_falls_within_a_few_steps(tiny):
     cfg = FAST.replace(epochs=1)
     data = prepare_data(tiny, cfg)
-    fns, _, _ = build(cfg, data)
-    state = init_state(cfg, fns, None, {})
+    fns = build(cfg, data)
+    state = init_state(cfg, fns)
     step = jax.jit(fns.train_step)
     images, labels = data.train[0][:32], data.train[1][:32]
     losses = []
@@ -80,6 +80,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny, tmp_path):
     with pytest.raises(Interrupt):
         fit(cfg, tiny, checkpoint_dir=str(tmp_path / "ck"), progress=False, on_epoch_end=stop_after_two)
     resumed = fit(cfg, tiny, checkpoint_dir=str(tmp_path / "ck"), progress=False)
+    assert full.meta["epoch_compilations"] == 0 == resumed.meta["epoch_compilations"]  # all compiled up front
     assert strip_times(resumed.histories) == strip_times(full.histories)
     assert resumed.summaries == full.summaries
     chex.assert_trees_all_equal(resumed.state.params, full.state.params)
@@ -91,8 +92,8 @@ def test_restored_checkpoint_gives_identical_predictions_and_fine_tunes(tiny, tm
     cfg = FAST.replace(model_kwargs={"batch_norm": True})
     result = fit(cfg, tiny, checkpoint_dir=str(tmp_path / "ck"), progress=False)
     data = prepare_data(tiny, cfg)
-    fns, _, _ = build(cfg, data)
-    target = init_state(cfg, fns, None, {})
+    fns = build(cfg, data)
+    target = init_state(cfg, fns)
     restored, meta = restore(tmp_path / "ck", target, "latest")
     images = data.test[0][:16]
     np.testing.assert_array_equal(fns.probabilities(restored.variables, images),
@@ -103,8 +104,8 @@ def test_restored_checkpoint_gives_identical_predictions_and_fine_tunes(tiny, tm
     assert int(best.epoch) == len(best_history)
     assert meta["histories"][0]["val_accuracy"] == result.history["val_accuracy"]
     # Fine-tune: the CIFAR-10 body under a fresh 100-class head.
-    fns100, _, _ = build(cfg, data.__class__(**{**data.__dict__, "num_classes": 100}))
-    fresh = init_state(cfg, fns100, None, {}).params
+    fns100 = build(cfg, data.__class__(**{**data.__dict__, "num_classes": 100}))
+    fresh = init_state(cfg, fns100).params
     tuned = load_body(fresh, restored.params)
     chex.assert_trees_all_equal(tuned["conv0_0"], restored.params["conv0_0"])
     chex.assert_shape(tuned["head"]["kernel"], (512, 100))
@@ -140,8 +141,8 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tiny, tmp_path):
     with pytest.raises(TrainingError, match="NaN/inf in epoch 2.*last good checkpoint kept"):
         fit(cfg, tiny, checkpoint_dir=str(ck), progress=False)
     data = prepare_data(tiny, cfg)
-    fns, _, _ = build(cfg, data)
-    restored, meta = restore(ck, init_state(cfg, fns, None, {}), "latest")
+    fns = build(cfg, data)
+    restored, meta = restore(ck, init_state(cfg, fns), "latest")
     assert int(restored.epoch) == 1 and len(meta["histories"][0]["epoch"]) == 1
     assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(restored.params))
 
@@ -151,7 +152,7 @@ def test_runs_in_one_program_match_single_runs(tiny, strategy):
     cfg = FAST.replace(epochs=1, augment=("flip",), run_strategy=strategy)
     runs = [{"seed": 0, "dropout_rate": 0.0}, {"seed": 1, "dropout_rate": 0.5}]
     swept = fit(cfg, tiny, runs=runs, progress=False)
-    assert swept.meta["run_strategy"] == strategy
+    assert swept.meta["run_strategy"] == strategy and swept.run_axis and swept.meta["epoch_compilations"] == 0
     for k, run in enumerate(runs):
         single = fit(cfg.replace(**run, split_seed=0), tiny, progress=False)  # the sweep shares one split
         if strategy == "loop":  # the same operations as the single run: equal to float rounding

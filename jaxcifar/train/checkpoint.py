@@ -1,5 +1,6 @@
-"""Orbax checkpoints: the latest N epochs plus the best by validation accuracy, each holding the whole
-training state (a pytree) and the loop's JSON metadata (history, config, versions)."""
+"""Orbax checkpoints: the latest N epochs plus the best by the selection metric (validation accuracy, or
+training accuracy for runs without a validation split), each holding the whole training state (a pytree)
+and the loop's JSON metadata (history, config, versions)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,16 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from jaxcifar.errors import CheckpointError
 
+SELECTION_METRICS = ("val_accuracy", "train_accuracy")  # what "best" means, named for what it measured
+
 
 def _metric(metrics: dict[str, float]) -> float:
-    return metrics["val_accuracy"]
+    """The selection metric a checkpoint was saved with: ``val_accuracy``, else ``train_accuracy``."""
+    return next(metrics[k] for k in SELECTION_METRICS if k in metrics)
 
 
 def checkpoint_manager(directory: str | Path, keep: int = 2) -> ocp.CheckpointManager:
-    """A manager that keeps the ``keep`` latest epochs and the best one (by ``val_accuracy``).
+    """A manager that keeps the ``keep`` latest epochs and the best one (by the selection metric).
     Saves are synchronous, so a checkpoint that exists is complete (Orbax writes to a temporary
     directory and renames it)."""
     policy = pp.AnyPreservationPolicy([pp.LatestN(n=keep), pp.BestN(get_metric_fn=_metric, n=1)])
@@ -26,14 +30,16 @@ def checkpoint_manager(directory: str | Path, keep: int = 2) -> ocp.CheckpointMa
     return ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
 
-def save(manager: ocp.CheckpointManager, epoch: int, state: Any, meta: dict[str, Any], val_accuracy: float) -> None:
+def save(manager: ocp.CheckpointManager, epoch: int, state: Any, meta: dict[str, Any],
+         metrics: dict[str, float]) -> None:
+    """Save epoch ``epoch`` with its selection metric (``{"val_accuracy": x}`` or ``{"train_accuracy": x}``)."""
     manager.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                 metrics={"val_accuracy": float(val_accuracy)})
+                 metrics=metrics)
     manager.wait_until_finished()
 
 
 def best_step(manager: ocp.CheckpointManager) -> int | None:
-    """The epoch of the best saved checkpoint (by validation accuracy), or the latest if none has metrics."""
+    """The epoch of the best saved checkpoint (by its selection metric), or the latest if none has metrics."""
     return manager.best_step() if manager.best_step() is not None else manager.latest_step()
 
 

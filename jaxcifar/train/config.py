@@ -41,7 +41,7 @@ class TrainConfig:
     b2: float = 0.999
     grad_clip_norm: float | None = None
     label_smoothing: float = 0.0
-    # Per-parameter rules, first match wins: (regex on the "/"-joined path such as "block0/bn1/bias",
+    # Per-parameter rules, first match wins: (regex on the "/"-joined path such as "block0_bn1/bias",
     # {"lr_scale": gradient multiplier, "train_epochs": epochs before the parameter freezes, 0 = never trained})
     param_rules: tuple = ()
     lookahead_every: int | None = None  # lookahead: pull the weights to a slow average every k steps (None = off)

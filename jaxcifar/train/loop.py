@@ -1,16 +1,16 @@
 """``fit``: the one training loop every experiment uses.
 
-Data stays on the device as uint8; each epoch is a device-side permutation cut into chunks of compiled
-steps (the whole epoch as one ``lax.scan`` on GPU/TPU, unrolled chunks of ``config.unroll`` steps on
-CPU). With ``runs`` the same program is ``jax.vmap``-ed over a leading run axis: each run has its own
-seed (init, dropout, data order, augmentation) and hyper-parameters (dropout rate, learning rate,
-weight decay), all trained at once in one compiled program.
+``fit`` reads top-down: validate the config → put the data on the device → make the run plan
+(:mod:`~jaxcifar.train.plan`) → build the step functions and the epoch program
+(:mod:`~jaxcifar.train.program`) → for each group of runs: initialize or restore, train the epochs,
+summarize. Data stays on the device as uint8; each epoch is a device-side permutation cut into compiled
+chunks of steps. With ``runs`` the state carries a leading run axis: each run has its own seed (init,
+dropout, data order, augmentation) and hyper-parameters, all trained at once in one compiled program.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,45 +19,32 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from jaxcifar.data import Dataset
-from jaxcifar.data.batching import epoch_batches, eval_batches, steps_per_epoch
 from jaxcifar.errors import ConfigError, TrainingError
 from jaxcifar.train import checkpoint as ckpt
+from jaxcifar.train.compilation import CompileClock
 from jaxcifar.train.config import TrainConfig, validate_config
-from jaxcifar.train.optim import unit_schedule
-from jaxcifar.train.parallel import check_batch, data_mesh, parallel_mode, replicate, shard_runs
-from jaxcifar.train.runs import (
-    choose_runs_per_chunk,
-    concat_runs,
-    memory_budget,
-    over_runs,
-    program_bytes,
-    resolve_strategy,
-)
-from jaxcifar.train.setup import (
-    PreparedData,
-    build,
-    init_state,
-    prepare_data,
-    resolve_loop,
-    run_splits,
-    with_body,
-)
-from jaxcifar.train.state import DATA_STREAM, TrainState, learning_rate, stack_states
-from jaxcifar.train.steps import StepFns, make_chunk_runner, make_evaluator
+from jaxcifar.train.parallel import replicate, shard_runs
+from jaxcifar.train.plan import RunPlan, halving_group_size, make_plan
+from jaxcifar.train.program import PROGRAMS, EpochProgram, EvalPlan, build_program, eval_plans, program_key
+from jaxcifar.train.runs import concat_runs, memory_budget
+from jaxcifar.train.setup import PreparedData, build, init_state, prepare_data, run_splits, with_body
+from jaxcifar.train.state import TrainState, stack_states
+from jaxcifar.train.steps import StepFns
 from jaxcifar.versions import environment
 
-__all__ = ["RUN_KEYS", "FitResult", "PreparedData", "build", "fit", "init_state", "prepare_data"]
+__all__ = ["RUN_KEYS", "FitResult", "fit"]
 
 RUN_KEYS = ("seed", "dropout_rate", "learning_rate", "weight_decay")
+EpochHook = Callable[[int, list[dict[str, Any]]], None]
 
 
 @dataclass
 class FitResult:
-    """What :func:`fit` returns: per-run histories and summaries, the final state and the step functions."""
+    """What :func:`fit` returns: per-run histories and summaries, the final state and the step functions.
+    ``run_axis``: the state has a leading run axis (``fit(runs=...)``), whatever the run strategy."""
 
     config: TrainConfig
     runs: list[dict[str, Any]]
@@ -65,7 +52,7 @@ class FitResult:
     summaries: list[dict[str, Any]]
     state: TrainState
     fns: StepFns
-    vmapped: bool
+    run_axis: bool
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -77,38 +64,6 @@ class FitResult:
         return self.summaries[0]
 
 
-def _check_runs(config: TrainConfig, runs: Sequence[dict[str, Any]]) -> None:
-    if not runs:
-        raise ConfigError("runs is empty: give at least one run, or runs=None for a single run")
-    for r in runs:
-        unknown = set(r) - set(RUN_KEYS)
-        if unknown:
-            raise ConfigError(f"run axis {sorted(unknown)} is not supported: vary only {list(RUN_KEYS)}")
-        validate_config(config.replace(**{k: v for k, v in r.items() if k != "seed"}))
-
-
-def _end_of_epoch(plateau_tx):
-    def end(state: TrainState, val_loss, val_acc) -> TrainState:
-        improved = val_acc > state.best_val_accuracy
-        pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(improved, a, b), new, old)  # noqa: E731
-        plateau = state.plateau
-        if plateau_tx is not None:
-            _, plateau = plateau_tx.update(jnp.zeros(()), plateau, value=val_loss)
-        epoch = state.epoch + 1
-        return state.replace(
-            best_params=pick(state.params, state.best_params),
-            best_batch_stats=pick(state.batch_stats, state.best_batch_stats),
-            best_val_accuracy=jnp.maximum(val_acc, state.best_val_accuracy),
-            best_epoch=jnp.where(improved, epoch, state.best_epoch), epoch=epoch, plateau=plateau)
-
-    return end
-
-
-def _new_history() -> dict[str, Any]:
-    keys = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds")
-    return {**{k: [] for k in keys}, "interval": {"step": [], "loss": [], "accuracy": []}}
-
-
 def fit(
     config: TrainConfig,
     dataset: Dataset | PreparedData,
@@ -117,268 +72,296 @@ def fit(
     checkpoint_dir: str | None = None,
     resume: bool = True,
     progress: bool = True,
-    on_epoch_end: Callable[[int, list[dict[str, Any]]], None] | None = None,
+    on_epoch_end: EpochHook | None = None,
     body: dict[str, Any] | None = None,
 ) -> FitResult:
     """Train ``config`` on ``dataset``; with ``runs`` (a list of per-run overrides, see :data:`RUN_KEYS`)
     train them all at once in one compiled program (``config.run_strategy``), ``config.runs_per_chunk`` runs
     at a time (default: as many as fit in memory). Checkpoints every epoch into ``checkpoint_dir`` (one
     sub-directory per group of runs when there are several groups) and resumes from the latest checkpoint
-    when ``resume``. ``on_epoch_end(epoch, histories)`` is called after each saved epoch. ``body`` (trained
-    ``{"params", "batch_stats"}``, e.g. ``load_trained(dir).variables``) fine-tunes: every module but the
-    classifier ``head`` starts from it.
+    when ``resume``. ``on_epoch_end(epoch, histories)`` is called after every epoch (after its checkpoint is
+    saved). ``body`` (trained ``{"params", "batch_stats"}``, e.g. ``load_trained(dir).variables``)
+    fine-tunes: every module but the classifier ``head`` starts from it.
     """
-    validate_config(config)
-    vmapped = runs is not None
-    runs = [dict(r) for r in runs] if vmapped else [{}]
-    _check_runs(config, runs)
-    data = dataset if isinstance(dataset, PreparedData) else prepare_data(dataset, config,
-                                                                           vmapped and config.split_per_run)
+    run_list = _checked_runs(config, runs)
+    data = _prepared(dataset, config, per_run_split=runs is not None and config.split_per_run)
     validate_config(config, train_size=data.train_size)
-    mesh = data_mesh(config.devices)
-    strategy = resolve_strategy(config.run_strategy) if vmapped else "single"
-    group = len(runs) if not vmapped else config.runs_per_chunk
-    if (group is None and mesh.size > 1 and config.parallel != "data" and strategy == "vmap"
-            and len(runs) % mesh.size == 0):
-        group = len(runs)  # the run axis is sharded: each device holds len(runs) / devices of them
-    mode = parallel_mode(config.parallel, mesh, strategy,
-                         [len(runs[i:i + group]) for i in range(0, len(runs), group)] if group else [len(runs)])
-    if mode == "data":
-        check_batch(config.batch_size, mesh)
-    if mesh.size > 1:  # the dataset is replicated; the state too for "data", split by runs for "runs"
-        data = dataclasses.replace(data, **{k: None if getattr(data, k) is None else replicate(getattr(data, k), mesh)
-                                            for k in ("train", "val", "test")})
-    key = _program_key(config, data, mesh)
-    fns, _, plateau_tx = _cached(("build", key, mode), lambda: build(config, data, mesh if mode == "data" else None))
-    group = group or choose_runs_per_chunk(
-        len(runs), lambda g: _group_bytes(config, data, fns, plateau_tx, runs[:g], strategy), memory_budget())
-    groups = [runs[i:i + group] for i in range(0, len(runs), group)]
-    results = []
-    for g, group_runs in enumerate(groups):
-        sub = checkpoint_dir
-        if checkpoint_dir and len(groups) > 1:
-            sub = f"{checkpoint_dir}/runs_{g * group:04d}-{g * group + len(group_runs) - 1:04d}"
+    plan = make_plan(config, len(run_list), runs is not None, data.train_size)
+    data = _placed(data, plan)
+    key = program_key(config, data, plan)
+    steps = PROGRAMS.get(("steps", key), lambda: build(config, data, plan.data_mesh))
+    size = plan.group_size or _group_size_that_fits(config, data, steps, plan, key, run_list)
+    results: list[FitResult] = []
+    for members in plan.groups(size):
+        program = _program(config, data, steps, plan, key, len(members))
+        group_dir = _group_dir(checkpoint_dir, members, plan.n_runs, size)
         done = [h for r in results for h in r.histories]
         hook = on_epoch_end and (lambda e, hs, done=done: on_epoch_end(e, done + hs))
-        results.append(_fit_group(config, data, fns, plateau_tx, group_runs, vmapped, strategy, sub, resume,
-                                  progress, hook, body, mesh if mode == "data" else None,
-                                  mesh if mode == "runs" else None))
-    meta = {**results[0].meta, "runs": runs, "runs_per_chunk": group, "run_groups": len(groups),
-            "devices": mesh.size, "parallel": mode}
-    return FitResult(config, runs, [h for r in results for h in r.histories],
-                     [s for r in results for s in r.summaries], concat_runs([r.state for r in results]), fns,
-                     vmapped, meta)
+        group = _Group.start(config, data, steps, program, plan, [run_list[i] for i in members], group_dir, body)
+        results.append(train_group(group, resume, progress, hook))
+    return _merged(config, run_list, plan, size, steps, results)
 
 
-_NOT_IN_PROGRAM = ("seed", "split_seed", "keep_checkpoints", "early_stopping_patience", "log_every",
-                   "runs_per_chunk")  # config fields the compiled programs do not depend on
-_PROGRAMS: dict[Any, Any] = {}  # program key -> built/jitted functions (insertion-ordered, oldest dropped)
+def _checked_runs(config: TrainConfig, runs: Sequence[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """The runs as plain dicts (``[{}]`` for a single run), each validated with the config."""
+    validate_config(config)
+    if runs is None:
+        return [{}]
+    if not runs:
+        raise ConfigError("runs is empty: give at least one run, or runs=None for a single run")
+    for r in runs:
+        unknown = set(r) - set(RUN_KEYS)
+        if unknown:
+            raise ConfigError(f"run axis {sorted(unknown)} is not supported: vary only {list(RUN_KEYS)}")
+        validate_config(config.replace(**{k: v for k, v in r.items() if k != "seed"}))
+    return [dict(r) for r in runs]
 
 
-def _cached(key: Any, make: Callable[[], Any], size: int = 16) -> Any:
-    """``make()`` once per ``key``: a second ``fit`` of the same program reuses the traced and compiled
-    functions instead of compiling again (what a timed series of runs needs)."""
-    if key not in _PROGRAMS:
-        if len(_PROGRAMS) >= size:
-            _PROGRAMS.pop(next(iter(_PROGRAMS)))
-        _PROGRAMS[key] = make()
-    return _PROGRAMS[key]
+def _prepared(dataset: Dataset | PreparedData, config: TrainConfig, per_run_split: bool) -> PreparedData:
+    return dataset if isinstance(dataset, PreparedData) else prepare_data(dataset, config, per_run_split)
 
 
-def _program_key(config: TrainConfig, data: PreparedData, mesh: Mesh) -> tuple:
-    """Everything the compiled programs depend on (the data only through its shapes and statistics)."""
-    program = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_PROGRAM}
-    return (json.dumps(program, sort_keys=True, default=str), data.mean, data.std, data.num_classes,
-            data.train_size, data.per_run_val, data.val is not None and int(data.val[1].shape[0]),
-            int(data.test[1].shape[0]), tuple(d.id for d in mesh.devices.flat), jax.default_backend())
+def _placed(data: PreparedData, plan: RunPlan) -> PreparedData:
+    """``data`` replicated over the plan's devices (unchanged on one device)."""
+    if plan.mesh.size == 1:
+        return data
+    splits = {k: getattr(data, k) for k in ("train", "val", "test")}
+    return dataclasses.replace(data, **{k: None if v is None else replicate(v, plan.mesh) for k, v in splits.items()})
 
 
-def _compiled_fns(config: TrainConfig, data: PreparedData, fns: StepFns, plateau_tx, n_runs: int, vmapped: bool,
-                  strategy: str) -> dict[str, Any]:
-    """The jitted pieces of one epoch for a group of ``n_runs`` runs (a plain single run if not ``vmapped``),
-    built once per program (see :func:`_cached`)."""
-    mesh = data_mesh(config.devices)
-    key = ("fns", _program_key(config, data, mesh), n_runs, vmapped, strategy, fns.batch_sharding is not None)
-    return _cached(key, lambda: _make_compiled_fns(config, data, fns, plateau_tx, n_runs, vmapped, strategy))
+def _program(config: TrainConfig, data: PreparedData, steps: StepFns, plan: RunPlan, key: tuple,
+             n_runs: int) -> EpochProgram:
+    """The epoch program for a group of ``n_runs`` runs, built once per process (:data:`PROGRAMS`)."""
+    return PROGRAMS.get(("epoch", key, n_runs), lambda: build_program(config, data, steps, plan, n_runs))
 
 
-def _make_compiled_fns(config: TrainConfig, data: PreparedData, fns: StepFns, plateau_tx, n_runs: int,
-                       vmapped: bool, strategy: str) -> dict[str, Any]:
-    n_train = data.train_size
-    spe = steps_per_epoch(n_train, config.batch_size)
-    loop, chunk = resolve_loop(config)
-    if loop == "scan":
-        chunk = spe
-    elif strategy == "loop":  # the runs are traced one after another: keep the program's step count
-        chunk = max(1, chunk // n_runs)
-    chunk = min(chunk, spe)
-    vm = (lambda f, axes: over_runs(f, axes, strategy)) if vmapped else (lambda f, axes: f)  # noqa: E731
+def _group_size_that_fits(config: TrainConfig, data: PreparedData, steps: StepFns, plan: RunPlan, key: tuple,
+                          runs: list[dict[str, Any]]) -> int:
+    """The largest group (halving from all runs) whose compiled chunk fits the memory budget. The program it
+    compiles is the one the group then trains with (jit's cache keeps it)."""
+    budget = memory_budget()
 
-    def order(rng, epoch, train_index=None):
-        """This epoch's batches; with a per-run split, positions in the run's ``train_index``."""
-        idx = epoch_batches(jax.random.fold_in(jax.random.fold_in(rng, DATA_STREAM), epoch), n_train,
-                            config.batch_size)
-        return idx if train_index is None else train_index[idx]
+    def fits(n: int) -> bool:
+        program = _program(config, data, steps, plan, key, n)
+        state = jax.eval_shape(lambda: stack_states([init_state(config, steps, r) for r in runs[:n]]))
+        return program.chunk_bytes(state, data) <= budget
 
-    runner = make_chunk_runner(fns, unroll=True if loop == "unrolled" else 1)
-    evaluator = (0, None, None, None, None)
-    return {
-        "loop": loop, "chunk": chunk, "spe": spe,
-        "run_chunk": jax.jit(vm(runner, (0, None, None, 0)), donate_argnums=0),
-        "epoch_order": jax.jit(jax.vmap(order, (0, None, 0)) if vmapped else order),
-        "evaluate": jax.jit(vm(make_evaluator(fns), evaluator)),
-        "evaluate_val": jax.jit(vm(make_evaluator(fns), (0, None, None, 0 if data.per_run_val else None, None))),
-        "evaluate_best": jax.jit(vm(make_evaluator(fns, use_best=True), evaluator)),
-        "end_epoch": jax.jit(vm(_end_of_epoch(plateau_tx), (0, 0, 0))),
-        "current_lr": jax.jit(vm(lambda s: learning_rate(s) * unit_schedule(config, spe)(s.step), (0,))),
-    }
+    return halving_group_size(len(runs), fits)
 
 
-def _group_bytes(config, data, fns, plateau_tx, runs, strategy) -> int:
-    """Memory of the training program for this group of runs, from XLA's analysis of the compiled chunk."""
-    c = _compiled_fns(config, data, fns, plateau_tx, len(runs), True, strategy)
-    state = jax.eval_shape(lambda: stack_states([init_state(config, fns, plateau_tx, r) for r in runs]))
-    index = jax.ShapeDtypeStruct((len(runs), c["chunk"], config.batch_size), jnp.int32)
-    return program_bytes(c["run_chunk"].lower(state, *data.train, index).compile())
+def _group_dir(checkpoint_dir: str | None, members: range, n_runs: int, size: int) -> str | None:
+    """The group's checkpoint directory: ``checkpoint_dir`` itself when all runs form one group."""
+    if checkpoint_dir is None or size >= n_runs:
+        return checkpoint_dir
+    return f"{checkpoint_dir}/runs_{members[0]:04d}-{members[-1]:04d}"
 
 
-def _precompile(c: dict[str, Any], state: TrainState, data: PreparedData, bounds, plans, n_runs: int | None,
-                train_index: jax.Array | None):
-    """Compile every jitted piece of an epoch ahead of time (``jit`` then serves the calls from its cache),
-    so epoch times measure training alone and ``meta['compile_seconds']`` the compilation."""
-    index = c["epoch_order"](state.rng, 1, train_index)
-    for length in sorted({hi - lo for lo, hi in bounds}):
-        c["run_chunk"].lower(state, *data.train, index[..., :length, :]).compile()
-    if data.val is not None:
-        c["evaluate_val"].lower(state, *data.val, *plans["val"]).compile()
-    c["evaluate"].lower(state, *data.test, *plans["test"]).compile()
-    c["evaluate_best"].lower(state, *data.test, *plans["test"]).compile()
-    per_run = jnp.zeros(() if n_runs is None else (n_runs,), jnp.float32)
-    c["end_epoch"].lower(state, per_run, per_run).compile()
-    c["current_lr"].lower(state).compile()
+@dataclass(frozen=True)
+class _Group:
+    """What stays fixed while a group of runs trains: its program, data, evaluation batches, checkpoints."""
+
+    config: TrainConfig
+    data: PreparedData
+    program: EpochProgram
+    runs: list[dict[str, Any]]
+    initial: TrainState  # fresh (or fine-tuning) state, placed on the devices
+    train_index: jax.Array | None  # per-run training indices when each run has its own split
+    eval_plans: dict[str, EvalPlan]
+    checkpoint_dir: str | None
+    meta: dict[str, Any]
+
+    @property
+    def has_val(self) -> bool:
+        """Whether there is a validation split; without one the best epoch is picked on training metrics."""
+        return self.data.val is not None
+
+    @classmethod
+    def start(cls, config: TrainConfig, data: PreparedData, steps: StepFns, program: EpochProgram,
+              plan: RunPlan, runs: list[dict[str, Any]], checkpoint_dir: str | None,
+              body: dict[str, Any] | None) -> _Group:
+        """Initialize the group's runs (placed on the plan's devices) and their splits."""
+        states = [init_state(config, steps, r, data.train[0]) for r in runs]
+        if body is not None:
+            states = [with_body(s, body) for s in states]
+        state = stack_states(states) if plan.run_axis else states[0]
+        if plan.data_mesh is not None:
+            state = replicate(state, plan.data_mesh)
+        elif plan.run_mesh is not None:
+            state = shard_runs(state, plan.run_mesh)
+        plans = eval_plans(data, config.eval_batch_size)
+        splits = run_splits(data, [int(r.get("seed", config.seed)) for r in runs])
+        train_index = None
+        if splits is not None:  # per-run validation sets: evaluation indices go through each run's own index
+            train_index, val_index = (x if plan.run_axis else x[0] for x in splits)
+            plans["val"] = (val_index[..., plans["val"][0]], plans["val"][1])
+        meta = {"config": config.to_dict(), "runs": runs, "fine_tuned": body is not None, "loop": plan.loop,
+                "chunk": program.bounds[0][1], "run_axis": plan.run_axis, "run_strategy": plan.strategy,
+                "normalization": {"mean": data.mean, "std": data.std}, "num_classes": data.num_classes,
+                "train_size": data.train_size, "split_per_run": bool(data.per_run_val),
+                "environment": environment()}
+        return cls(config, data, program, runs, state, train_index, plans, checkpoint_dir, meta)
+
+    def evaluate(self, fn: Callable, state: TrainState, split: str) -> dict[str, np.ndarray]:
+        """``fn`` (one of the program's evaluators) over ``split`` (``"val"`` or ``"test"``), per run."""
+        images, labels = self.data.val if split == "val" else self.data.test
+        out = jax.device_get(fn(state, images, labels, *self.eval_plans[split]))
+        return {k: np.asarray(v, np.float32).reshape(len(self.runs)) for k, v in out.items()}
 
 
-def _fit_group(config, data, fns, plateau_tx, runs, vmapped, strategy, checkpoint_dir, resume, progress,
-               on_epoch_end, body, data_parallel: Mesh | None, run_parallel: Mesh | None) -> FitResult:
-    c = _compiled_fns(config, data, fns, plateau_tx, len(runs), vmapped, strategy)
-    loop, chunk, spe = c["loop"], c["chunk"], c["spe"]
-    states = [init_state(config, fns, plateau_tx, r, data.train[0]) for r in runs]
-    if body is not None:
-        states = [with_body(s, body) for s in states]
-    state = stack_states(states) if vmapped else states[0]
-    if data_parallel is not None and data_parallel.size > 1:
-        state = replicate(state, data_parallel)
-    elif run_parallel is not None and run_parallel.size > 1:
-        state = shard_runs(state, run_parallel)
-    bounds = [(lo, min(lo + chunk, spe)) for lo in range(0, spe, chunk)]
-    plans = {name: tuple(map(jnp.asarray, eval_batches(size, config.eval_batch_size)))
-             for name, size in (("val", data.val and (data.per_run_val or int(data.val[1].shape[0]))),
-                                ("test", int(data.test[1].shape[0]))) if size}
-    splits = run_splits(data, [int(r.get("seed", config.seed)) for r in runs])
-    train_index = None
-    if splits is not None:  # per-run validation sets: evaluation indices go through each run's own index
-        train_index, val_index = (x if vmapped else x[0] for x in splits)
-        plans["val"] = (val_index[..., plans["val"][0]], plans["val"][1])
+def train_group(g: _Group, resume: bool, progress: bool, on_epoch_end: EpochHook | None) -> FitResult:
+    """Train one group of runs: restore or start, compile, run the epochs, summarize."""
+    clock = time.perf_counter()
+    with CompileClock() as compiles:
+        manager = ckpt.checkpoint_manager(g.checkpoint_dir, g.config.keep_checkpoints) if g.checkpoint_dir else None
+        state, histories = _restored(g, manager, resume, progress)
+        start_epoch = int(np.max(jax.device_get(state.epoch)))
+        if start_epoch < g.config.epochs:
+            g.program.precompile(state, g.data, g.train_index, g.eval_plans)
+    startup = {"startup_seconds": time.perf_counter() - clock, "compile_seconds": compiles.seconds,
+               "compilations": compiles.compiles}
+    with CompileClock() as later:
+        for epoch in range(start_epoch + 1, g.config.epochs + 1):
+            state = _epoch(g, state, epoch, histories, progress)
+            if manager is not None:
+                ckpt.save(manager, epoch, state, {**g.meta, "histories": histories},
+                          _selection_metrics(g, histories))
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, histories)
+            if _should_stop(g.config, state, epoch):
+                break
+        summaries = _summaries(g, state, histories)
+    meta = {**g.meta, **startup, "epoch_compilations": later.compiles}
+    return FitResult(g.config, g.runs, histories, summaries, state, None, g.meta["run_axis"], meta)
 
-    def eval_split(fn, name):
-        split = data.val if name == "val" else data.test
-        return jax.device_get(c[fn](state, split[0], split[1], *plans[name]))
 
-    histories = [_new_history() for _ in runs]
-    meta = {"config": config.to_dict(), "runs": runs, "fine_tuned": body is not None, "loop": loop, "chunk": chunk,
-            "vmapped": vmapped,
-            "run_strategy": strategy, "normalization": {"mean": data.mean, "std": data.std},
-            "num_classes": data.num_classes, "train_size": data.train_size, "split_per_run": bool(data.per_run_val),
-            "environment": environment()}
-    manager = ckpt.checkpoint_manager(checkpoint_dir, config.keep_checkpoints) if checkpoint_dir else None
-    if manager is not None and resume and manager.latest_step() is not None:
-        state, saved = ckpt.restore(checkpoint_dir, state, "latest")
-        _check_resumable(saved, meta, checkpoint_dir)
-        histories = saved["histories"]
-    start_epoch = int(np.max(jax.device_get(state.epoch)))
-    if progress and start_epoch:
-        tqdm.write(f"resuming after epoch {start_epoch} from {checkpoint_dir} (--no-resume starts over)")
+def _restored(g: _Group, manager: Any, resume: bool, progress: bool) -> tuple[TrainState, list[dict[str, Any]]]:
+    """The latest checkpoint's state and histories (when resuming and there is one), else a fresh start."""
+    if manager is None or not resume or manager.latest_step() is None:
+        return g.initial, [_new_history() for _ in g.runs]
+    state, saved = ckpt.restore(g.checkpoint_dir, g.initial, "latest")
+    _check_resumable(saved, g.meta, g.checkpoint_dir)
+    if progress:
+        tqdm.write(f"resuming after epoch {int(np.max(jax.device_get(state.epoch)))} from {g.checkpoint_dir} "
+                   "(--no-resume starts over)")
+    return state, saved["histories"]
 
-    has_val = data.val is not None  # without a validation split, the best epoch is picked on training metrics
+
+def _epoch(g: _Group, state: TrainState, epoch: int, histories: list[dict[str, Any]], progress: bool) -> TrainState:
+    """Train one epoch, evaluate, close it (best weights, plateau) and append it to every run's history."""
     t0 = time.perf_counter()
-    if start_epoch < config.epochs:
-        _precompile(c, state, data, bounds, plans, len(runs) if vmapped else None, train_index)
-    compile_seconds = time.perf_counter() - t0
-    for epoch in range(start_epoch + 1, config.epochs + 1):
-        t0 = time.perf_counter()
-        order_idx = c["epoch_order"](state.rng, epoch, train_index)
-        chunk_metrics = []
-        bar = tqdm(total=spe, desc=f"epoch {epoch}/{config.epochs}", unit="step", disable=not progress, leave=False)
-        next_log, finished = config.log_every, None
-        for lo, done in bounds:
-            state, m = c["run_chunk"](state, data.train[0], data.train[1], order_idx[..., lo:done, :])
-            chunk_metrics.append(m)
-            if progress and finished is not None:  # the bar counts finished steps; the new chunk keeps running
-                jax.block_until_ready(finished[1])
-                bar.update(finished[0] - bar.n)
-            finished = (done, m["loss"])
-            if done >= next_log or done == spe:  # metrics come back once per logging interval
-                last = jax.device_get(m)
-                bar.update(done - bar.n)
-                bar.set_postfix(loss=f"{np.mean(last['loss']):.3f}", acc=f"{np.mean(last['accuracy']):.3f}")
-                next_log += config.log_every
-        bar.close()
-        train_m = jax.device_get(jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=-1), *chunk_metrics))
-        train_m = {k: np.asarray(v).reshape(len(runs), spe) for k, v in train_m.items()}
-        if has_val:
-            val_m = eval_split("evaluate_val", "val")
-        else:
-            val_m = {"loss": train_m["loss"].mean(-1), "accuracy": train_m["accuracy"].mean(-1)}
-        val_loss = np.asarray(val_m["loss"], np.float32).reshape(len(runs))
-        val_acc = np.asarray(val_m["accuracy"], np.float32).reshape(len(runs))
-        if not (np.isfinite(train_m["loss"]).all() and np.isfinite(val_loss).all()):
-            where = f"; last good checkpoint kept in {checkpoint_dir}" if manager else ""
-            raise TrainingError(f"loss became NaN/inf in epoch {epoch}: lower the learning rate or set "
-                                f"grad_clip_norm{where}")
-        state = c["end_epoch"](state, jnp.asarray(val_loss if vmapped else val_loss[0]),
-                               jnp.asarray(val_acc if vmapped else val_acc[0]))
-        lrs = np.asarray(jax.device_get(c["current_lr"](state))).reshape(len(runs))
-        seconds = time.perf_counter() - t0
-        for r, h in enumerate(histories):
-            _append_epoch(h, epoch, spe, config.log_every, train_m, r, val_loss[r] if has_val else None,
-                          val_acc[r] if has_val else None, lrs[r], seconds)
-        if progress:
-            tqdm.write(f"epoch {epoch}/{config.epochs}: train loss {train_m['loss'].mean():.4f} "
-                       f"acc {train_m['accuracy'].mean():.4f} | "
-                       + (f"val loss {val_loss.mean():.4f} acc {val_acc.mean():.4f} | " if has_val else "")
-                       + f"{seconds:.1f}s")
-        if manager is not None:
-            ckpt.save(manager, epoch, state, {**meta, "histories": histories}, float(val_acc.mean()))
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, histories)
-        best_epochs = np.asarray(jax.device_get(state.best_epoch)).reshape(len(runs))
-        if config.early_stopping_patience and np.all(epoch - best_epochs >= config.early_stopping_patience):
-            break
+    state, train_m = _train_epoch(g, state, epoch, progress)
+    if g.has_val:
+        val = g.evaluate(g.program.evaluate_val, state, "val")
+    else:  # the selection metric falls back to the epoch's training figures
+        val = {"loss": train_m["loss"].mean(-1), "accuracy": train_m["accuracy"].mean(-1)}
+    if not (np.isfinite(train_m["loss"]).all() and np.isfinite(val["loss"]).all()):
+        where = f"; last good checkpoint kept in {g.checkpoint_dir}" if g.checkpoint_dir else ""
+        raise TrainingError(f"loss became NaN/inf in epoch {epoch}: lower the learning rate or set "
+                            f"grad_clip_norm{where}")
+    per_run = (lambda x: jnp.asarray(x)) if g.meta["run_axis"] else (lambda x: jnp.asarray(x[0]))  # noqa: E731
+    state = g.program.end_epoch(state, per_run(val["loss"]), per_run(val["accuracy"]))
+    lrs = np.asarray(jax.device_get(g.program.current_lr(state))).reshape(len(g.runs))
+    seconds = time.perf_counter() - t0
+    for r, h in enumerate(histories):
+        _append_epoch(h, epoch, g.program.bounds[-1][1], g.config.log_every, train_m, r,
+                      val["loss"][r] if g.has_val else None, val["accuracy"][r] if g.has_val else None, lrs[r],
+                      seconds)
+    if progress:
+        _print_epoch(g, epoch, train_m, val, seconds)
+    return state
 
-    best_acc = np.asarray(jax.device_get(state.best_val_accuracy)).reshape(len(runs))
-    best_ep = np.asarray(jax.device_get(state.best_epoch)).reshape(len(runs))
-    test_final = eval_split("evaluate", "test")  # best == last weights when every run's best is its last epoch
-    last = np.asarray(jax.device_get(state.epoch)).reshape(len(runs))
-    test_best = test_final if np.array_equal(best_ep, last) else eval_split("evaluate_best", "test")
-    summaries = []
-    for r in range(len(runs)):
-        pick = lambda m, k: float(np.asarray(m[k]).reshape(len(runs))[r])  # noqa: E731, B023
-        summaries.append({
-            "best_val_accuracy": float(best_acc[r]), "best_epoch": int(best_ep[r]),
-            "selected_on": "validation" if has_val else "training",  # training: best_val_accuracy is training's
-            "test_accuracy": pick(test_best, "accuracy"), "test_loss": pick(test_best, "loss"),
-            "final_test_accuracy": pick(test_final, "accuracy"), "epochs_run": len(histories[r]["epoch"]),
-        })
-    meta["compile_seconds"] = compile_seconds
-    return FitResult(config, runs, histories, summaries, state, fns, vmapped, meta)
+
+def _train_epoch(g: _Group, state: TrainState, epoch: int, progress: bool) -> tuple[TrainState, dict[str, Any]]:
+    """Run the epoch's chunks; return the state and the per-step training metrics [runs, steps]."""
+    spe = g.program.bounds[-1][1]
+    order = g.program.order(state.rng, epoch, g.train_index)
+    bar = tqdm(total=spe, desc=f"epoch {epoch}/{g.config.epochs}", unit="step", disable=not progress, leave=False)
+    metrics, finished, next_log = [], None, g.config.log_every
+    for lo, end in g.program.bounds:
+        state, m = g.program.run_chunk(state, *g.data.train, order[..., lo:end, :])
+        metrics.append(m)
+        if progress and finished is not None:  # the bar counts finished steps; the new chunk keeps running
+            jax.block_until_ready(finished[1])
+            bar.update(finished[0] - bar.n)
+        finished = (end, m["loss"])
+        if progress and (end >= next_log or end == spe):  # metrics come back once per logging interval
+            last = jax.device_get(m)
+            bar.update(end - bar.n)
+            bar.set_postfix(loss=f"{np.mean(last['loss']):.3f}", acc=f"{np.mean(last['accuracy']):.3f}")
+            next_log += g.config.log_every
+    bar.close()
+    joined = jax.device_get(jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=-1), *metrics))
+    return state, {k: np.asarray(v).reshape(len(g.runs), spe) for k, v in joined.items()}
+
+
+def _print_epoch(g: _Group, epoch: int, train_m: dict[str, Any], val: dict[str, Any], seconds: float) -> None:
+    line = (f"epoch {epoch}/{g.config.epochs}: train loss {train_m['loss'].mean():.4f} "
+            f"acc {train_m['accuracy'].mean():.4f} | ")
+    if g.has_val:
+        line += f"val loss {val['loss'].mean():.4f} acc {val['accuracy'].mean():.4f} | "
+    tqdm.write(line + f"{seconds:.1f}s")
+
+
+def _selection_metrics(g: _Group, histories: list[dict[str, Any]]) -> dict[str, float]:
+    """The checkpoint's selection metric, named for what it is: the mean over runs of the last epoch's
+    ``val_accuracy``, or ``train_accuracy`` without a validation split."""
+    key = "val_accuracy" if g.has_val else "train_accuracy"
+    return {key: float(np.mean([h[key][-1] for h in histories]))}
+
+
+def _should_stop(config: TrainConfig, state: TrainState, epoch: int) -> bool:
+    """Early stopping: every run went ``early_stopping_patience`` epochs without a better selection metric."""
+    if not config.early_stopping_patience:
+        return False
+    best_epochs = np.asarray(jax.device_get(state.best_epoch))
+    return bool(np.all(epoch - best_epochs >= config.early_stopping_patience))
+
+
+def _summaries(g: _Group, state: TrainState, histories: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per run: the best epoch and its selection accuracy, test figures of the best and the last weights."""
+    n = len(g.runs)
+    best_acc = np.asarray(jax.device_get(state.best_val_accuracy)).reshape(n)
+    best_ep = np.asarray(jax.device_get(state.best_epoch)).reshape(n)
+    last_ep = np.asarray(jax.device_get(state.epoch)).reshape(n)
+    test_final = g.evaluate(g.program.evaluate, state, "test")
+    same = np.array_equal(best_ep, last_ep)  # the best weights are the last ones: no second evaluation
+    test_best = test_final if same else g.evaluate(g.program.evaluate_best, state, "test")
+    return [{
+        "best_val_accuracy": float(best_acc[r]), "best_epoch": int(best_ep[r]),
+        "selected_on": "validation" if g.has_val else "training",  # training: best_val_accuracy is training's
+        "test_accuracy": float(test_best["accuracy"][r]), "test_loss": float(test_best["loss"][r]),
+        "final_test_accuracy": float(test_final["accuracy"][r]), "epochs_run": len(histories[r]["epoch"]),
+    } for r in range(n)]
+
+
+def _merged(config: TrainConfig, runs: list[dict[str, Any]], plan: RunPlan, size: int, steps: StepFns,
+            results: list[FitResult]) -> FitResult:
+    """One result for all groups: histories and summaries in run order, states concatenated on the run axis."""
+    first = results[0]
+    meta = {**first.meta, "runs": runs, "runs_per_chunk": size, "run_groups": len(results),
+            "devices": plan.mesh.size, "parallel": plan.parallel,
+            "startup_seconds": sum(r.meta["startup_seconds"] for r in results),
+            "compile_seconds": sum(r.meta["compile_seconds"] for r in results),
+            "compilations": sum(r.meta["compilations"] for r in results),
+            "epoch_compilations": sum(r.meta["epoch_compilations"] for r in results)}
+    histories = [h for r in results for h in r.histories]
+    summaries = [s for r in results for s in r.summaries]
+    state = concat_runs([r.state for r in results])
+    return FitResult(config, runs, histories, summaries, state, steps, plan.run_axis, meta)
+
+
+def _new_history() -> dict[str, Any]:
+    keys = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds")
+    return {**{k: [] for k in keys}, "interval": {"step": [], "loss": [], "accuracy": []}}
 
 
 def _append_epoch(h, epoch, spe, log_every, train_m, r, val_loss, val_acc, lr, seconds) -> None:
+    """Append run ``r``'s epoch to its history ``h`` (validation entries None without a validation split)."""
     loss, acc = train_m["loss"][r], train_m["accuracy"][r]
     h["epoch"].append(epoch)
     h["train_loss"].append(float(loss.mean()))
     h["train_accuracy"].append(float(acc.mean()))
-    h["val_loss"].append(None if val_loss is None else float(val_loss))  # None: no validation split
+    h["val_loss"].append(None if val_loss is None else float(val_loss))
     h["val_accuracy"].append(None if val_acc is None else float(val_acc))
     h["lr"].append(float(lr))
     h["epoch_seconds"].append(seconds)
@@ -388,17 +371,20 @@ def _append_epoch(h, epoch, spe, log_every, train_m, r, val_loss, val_acc, lr, s
         h["interval"]["accuracy"].append(float(acc[end - log_every:end].mean()))
 
 
+_NOT_CHECKED_ON_RESUME = {"epochs", "early_stopping_patience", "keep_checkpoints", "log_every", "run_strategy",
+                          "runs_per_chunk", "devices"}
+
+
 def _check_resumable(saved: dict[str, Any], meta: dict[str, Any], directory: str) -> None:
-    ignore = {"epochs", "early_stopping_patience", "keep_checkpoints", "log_every", "run_strategy",
-              "runs_per_chunk", "devices"}
-    old = {k: v for k, v in saved["config"].items() if k not in ignore}
-    new = {k: v for k, v in meta["config"].items() if k not in ignore}
+    """Refuse a checkpoint written by another config or other runs."""
+    old = {k: v for k, v in saved["config"].items() if k not in _NOT_CHECKED_ON_RESUME}
+    new = {k: v for k, v in meta["config"].items() if k not in _NOT_CHECKED_ON_RESUME}
     if _jsonable(old) != _jsonable(new) or _jsonable(saved["runs"]) != _jsonable(meta["runs"]):
         raise ConfigError(f"the checkpoint in {directory} was written by a different config: use a new output "
                           f"directory, or resume=False to start over")
 
 
-def _jsonable(x):
+def _jsonable(x: Any) -> Any:
     import json
 
     return json.loads(json.dumps(x))

@@ -81,7 +81,8 @@ def make_plateau(c: TrainConfig) -> optax.GradientTransformationExtraArgs | None
 
 
 def path_name(path: tuple) -> str:
-    """``'block0/bn1/bias'`` for a pytree key path."""
+    """The "/"-joined names of a pytree key path, e.g. ``'block0_bn1/bias'`` (the speedrun net's first block's
+    second batch norm) or ``'head/kernel'``."""
     return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 

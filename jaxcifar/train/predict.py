@@ -20,13 +20,16 @@ from jaxcifar.train.steps import StepFns
 
 @dataclass(frozen=True)
 class Trained:
-    """A model restored for inference: its step functions, variables, config and checkpoint metadata."""
+    """A model restored for inference: its step functions, variables, config and checkpoint metadata.
+    ``epoch`` is the epoch whose weights ``variables`` are (for ``'best'``: the run's best epoch, which may be
+    older than the checkpoint); ``checkpoint_step`` is the checkpoint they were read from."""
 
     fns: StepFns
     variables: dict[str, Any]
     config: TrainConfig
     meta: dict[str, Any]
     epoch: int
+    checkpoint_step: int
 
     def probabilities(self, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
         """Softmax probabilities float32 [N, classes] for uint8 images [N, 32, 32, 3]."""
@@ -42,8 +45,10 @@ def read_meta(directory: str | Path, step: int) -> dict[str, Any]:
 
 def load_trained(directory: str | Path, which: str | int = "best", run: int = 0,
                  num_classes: int | None = None) -> Trained:
-    """Restore run ``run`` of the checkpoint ``which`` (``'best'`` weights by validation accuracy from the
-    best checkpoint, ``'latest'``, or an epoch) written by :func:`~jaxcifar.train.fit` into ``directory``.
+    """Restore run ``run`` of the checkpoint ``which`` written by :func:`~jaxcifar.train.fit` into
+    ``directory``: ``'best'`` (the run's best weights from the best checkpoint, selected on validation
+    accuracy, or on training accuracy for runs without a validation split: ``meta['histories']`` and the
+    summary's ``selected_on`` say which), ``'latest'``, or an epoch.
     ``num_classes`` is needed only for checkpoints that do not record it."""
     directory = Path(directory)
     if not directory.is_dir():
@@ -61,12 +66,13 @@ def load_trained(directory: str | Path, which: str | int = "best", run: int = 0,
     if not 0 <= run < len(runs):
         raise CheckpointError(f"run {run} is not in {directory} (it holds {len(runs)} runs): pick 0..{len(runs) - 1}")
     norm = meta["normalization"]
-    fns, _, plateau_tx = build_for(config, norm["mean"], norm["std"], num_classes,
-                                       meta.get("train_size", config.batch_size))  # size: schedule only
-    states = [init_state(config, fns, plateau_tx, r) for r in runs]
-    target = stack_states(states) if meta["vmapped"] else states[0]
-    state, _ = ckpt.restore(directory, target, step)
-    if meta["vmapped"]:
+    fns = build_for(config, norm["mean"], norm["std"], num_classes,
+                    meta.get("train_size", config.batch_size))  # the size matters only to the schedule
+    states = [init_state(config, fns, r) for r in runs]
+    run_axis = meta.get("run_axis", meta.get("vmapped"))  # checkpoints before 0.2 call it "vmapped"
+    state, _ = ckpt.restore(directory, stack_states(states) if run_axis else states[0], step)
+    if run_axis:
         state = unstack_state(state, run)
     variables = state.best_variables if which == "best" else state.variables
-    return Trained(fns, variables, config, meta, step)
+    epoch = int(state.best_epoch) if which == "best" else int(state.epoch)
+    return Trained(fns, variables, config, meta, epoch, step)

@@ -9,7 +9,6 @@ summation order; ``"loop"`` gives exactly the single-run program's operations.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -18,12 +17,6 @@ import jax
 import jax.numpy as jnp
 
 MEMORY_FRACTION = 0.6  # of device (or, on CPU, host) memory a group of runs may use
-
-
-def resolve_strategy(strategy: str) -> str:
-    if strategy == "auto":
-        return "loop" if jax.default_backend() == "cpu" else "vmap"
-    return strategy
 
 
 def over_runs(f: Callable, in_axes: Sequence[int | None], strategy: str) -> Callable:
@@ -54,14 +47,6 @@ def program_bytes(compiled: Any) -> int:
     if m is None:
         return 0
     return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
-
-
-def choose_runs_per_chunk(n_runs: int, bytes_for: Callable[[int], int], budget: int) -> int:
-    """The largest group size (halving from ``n_runs``) whose program needs at most ``budget`` bytes."""
-    group = n_runs
-    while group > 1 and bytes_for(group) > budget:
-        group = math.ceil(group / 2)
-    return group
 
 
 def concat_runs(trees: Sequence[Any]) -> Any:

@@ -1,6 +1,6 @@
 """Setting up a training run: data on the device, the step functions and optimizer for a config, and a
 fresh (or fine-tuning) single-run state. Used by :func:`~jaxcifar.train.fit` and by code that drives the
-compiled pieces itself (benchmarks, :func:`~jaxcifar.train.load_trained`)."""
+compiled pieces itself (benchmarks, :func:`~jaxcifar.train.predict.load_trained`)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from jax.sharding import Mesh
 from jaxcifar.data import Dataset, Split, channel_stats, make_augment, train_val_split
 from jaxcifar.data.batching import steps_per_epoch
 from jaxcifar.data.split import split_indices, validation_count
-from jaxcifar.data.stats import normalize
 from jaxcifar.models import create_model
 from jaxcifar.train import checkpoint as ckpt
 from jaxcifar.train.config import TrainConfig
@@ -87,65 +86,44 @@ def run_splits(data: PreparedData, seeds: Sequence[int]) -> tuple[jax.Array, jax
     return jnp.stack([t for t, _ in pairs]), jnp.stack([v for _, v in pairs])
 
 
-def resolve_loop(config: TrainConfig) -> tuple[str, int]:
-    """``(loop, chunk)``: CPU gets unrolled chunks, accelerators the rolled whole-epoch scan."""
-    loop = config.loop
-    if loop == "auto":
-        loop = "unrolled" if jax.default_backend() == "cpu" else "scan"
-    return loop, config.unroll
-
-
-def build(config: TrainConfig, data: PreparedData, mesh: Mesh | None = None) -> tuple[StepFns, Any, Any]:
-    """``(step functions, optimizer, plateau transform or None)`` for ``config`` on ``data``; with a
-    multi-device ``mesh`` the steps split each batch over it."""
+def build(config: TrainConfig, data: PreparedData, mesh: Mesh | None = None) -> StepFns:
+    """The step functions (model, optimizer, plateau, augmentation, input statistics) for ``config`` on
+    ``data``; with a multi-device ``mesh`` the steps split each batch over it."""
     return build_for(config, data.mean, data.std, data.num_classes, data.train_size, mesh)
 
 
 def build_for(config: TrainConfig, mean: Sequence[float], std: Sequence[float], num_classes: int,
-              train_size: int, mesh: Mesh | None = None) -> tuple[StepFns, Any, Any]:
+              train_size: int, mesh: Mesh | None = None) -> StepFns:
     """:func:`build` from the figures it needs (e.g. those a checkpoint records) instead of the data."""
     model = create_model(config.model, num_classes, dtype=jnp.dtype(config.dtype), **config.model_kwargs)
     spe = steps_per_epoch(train_size, config.batch_size)
-    tx = make_optimizer(config, spe)
-    fns = StepFns(model, tx, make_augment(config.augment), jnp.asarray(mean, jnp.float32),
-                  jnp.asarray(std, jnp.float32), config.label_smoothing, num_classes, jnp.dtype(config.dtype),
-                  batch_sharding(mesh) if mesh is not None and mesh.size > 1 else None, config.tta)
-    return fns, tx, make_plateau(config)
+    return StepFns(model, make_optimizer(config, spe), make_augment(config.augment), jnp.asarray(mean, jnp.float32),
+                   jnp.asarray(std, jnp.float32), config.label_smoothing, num_classes, jnp.dtype(config.dtype),
+                   batch_sharding(mesh) if mesh is not None and mesh.size > 1 else None, config.tta,
+                   make_plateau(config))
 
 
 INIT_SAMPLE = 5000  # training images a data-dependent initialization looks at
 
 
-def init_state(config: TrainConfig, fns: StepFns, plateau_tx, run: dict[str, Any],
+def init_state(config: TrainConfig, fns: StepFns, run: dict[str, Any] | None = None,
                train_images: jax.Array | None = None) -> TrainState:
     """A fresh single-run state; ``run`` overrides ``seed``, ``dropout_rate``, ``learning_rate``,
     ``weight_decay``. Models with an ``init_from_data(params, images)`` method (e.g. the speedrun net's
     patch-whitening layer) are initialized from the first :data:`INIT_SAMPLE` of ``train_images`` (uint8
     [N, 32, 32, 3]), normalized as in training."""
-    seed = int(run.get("seed", config.seed))
-    init_key, rng = jax.random.split(jax.random.PRNGKey(seed))
-    variables = fns.model.init({"params": init_key, "dropout": init_key}, jnp.zeros((1, 32, 32, 3)), train=False)
-    params, batch_stats = variables["params"], variables.get("batch_stats", {})
+    run = run or {}
+    hyper = {k: run.get(k, getattr(config, k)) for k in ("learning_rate", "weight_decay")}
+    sample = None
     if train_images is not None and hasattr(fns.model, "init_from_data"):
-        sample = normalize(train_images[:INIT_SAMPLE], fns.mean, fns.std)
-        params = fns.model.init_from_data(params, sample)
-    opt_state = reset_lookahead(fns.tx.init(params), params, batch_stats)
-    hyper = dict(opt_state.hyperparams)
-    for k in ("learning_rate", "weight_decay"):
-        hyper[k] = jnp.asarray(run.get(k, getattr(config, k)), jnp.float32)
-    opt_state = opt_state._replace(hyperparams=hyper)
-    return TrainState(
-        params=params, batch_stats=batch_stats, opt_state=opt_state,
-        plateau=plateau_tx.init(params) if plateau_tx is not None else (),
-        step=jnp.zeros((), jnp.int32), rng=rng,
-        dropout_rate=jnp.asarray(run.get("dropout_rate", config.dropout_rate), jnp.float32),
-        best_params=jax.tree.map(jnp.copy, params), best_batch_stats=jax.tree.map(jnp.copy, batch_stats),
-        best_val_accuracy=jnp.asarray(-1.0, jnp.float32),
-        best_epoch=jnp.zeros((), jnp.int32), epoch=jnp.zeros((), jnp.int32),
-    )
+        sample = train_images[:INIT_SAMPLE]
+    return fns.fresh_state(int(run.get("seed", config.seed)), hyper, run.get("dropout_rate", config.dropout_rate),
+                           sample)
 
 
 def with_body(state: TrainState, body: dict[str, Any]) -> TrainState:
+    """``state`` fine-tuning from ``body`` (trained ``{"params", "batch_stats"}``): every module but the
+    classifier ``head`` is taken from it, the best-so-far copies and lookahead's slow copies follow."""
     params = ckpt.load_body(state.params, body["params"])
     stats = ckpt.load_body(state.batch_stats, body.get("batch_stats", {})) if state.batch_stats else {}
     fresh = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731  (own buffers: the state is donated)

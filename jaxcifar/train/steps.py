@@ -8,6 +8,7 @@ XLA:CPU, where convolution gradients inside a while loop fall back to a slow gen
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,7 @@ import optax
 
 from jaxcifar.data.augment import AugmentFn
 from jaxcifar.data.stats import normalize
-from jaxcifar.train.optim import synced_batch_stats
+from jaxcifar.train.optim import reset_lookahead, synced_batch_stats
 from jaxcifar.train.state import TrainState
 
 Metrics = dict[str, jax.Array]
@@ -27,7 +28,9 @@ Metrics = dict[str, jax.Array]
 
 @dataclass(frozen=True)
 class StepFns:
-    """The static pieces a step closes over."""
+    """The static pieces a step closes over: the model, the optimizer ``tx`` (with injected ``learning_rate``
+    and ``weight_decay``), the once-per-epoch ``plateau`` transform (or None), augmentation, input
+    statistics, loss settings and compute dtype. Every method is a pure function of its arguments."""
 
     model: nn.Module
     tx: optax.GradientTransformation
@@ -39,6 +42,55 @@ class StepFns:
     compute_dtype: Any
     batch_sharding: Any = None  # NamedSharding of a batch over the data-parallel mesh; None on one device
     tta: int = 0  # test-time augmentation: 0 none, 1 mirror, 2 mirror and 1-pixel shifts
+    plateau: optax.GradientTransformationExtraArgs | None = None  # reduce-on-plateau, stepped per epoch
+
+    def fresh_state(self, seed: int, hyperparams: dict[str, float], dropout_rate: float,
+                    sample: jax.Array | None = None) -> TrainState:
+        """A new single-run state: parameters from ``seed``, the optimizer's injected ``hyperparams``
+        (``learning_rate``, ``weight_decay``), ``dropout_rate``, and for models with an
+        ``init_from_data(params, images)`` method, ``sample`` (uint8 training images) to initialize from.
+        One compiled program per :class:`StepFns` (``model.init`` run op by op compiles every primitive)."""
+        hyper = {k: jnp.asarray(v, jnp.float32) for k, v in hyperparams.items()}
+        return self._fresh(jax.random.PRNGKey(seed), hyper, jnp.asarray(dropout_rate, jnp.float32), sample)
+
+    @functools.cached_property
+    def _fresh(self) -> Callable:
+        def fresh(key, hyperparams, dropout_rate, sample):
+            init_key, rng = jax.random.split(key)
+            variables = self.model.init({"params": init_key, "dropout": init_key}, jnp.zeros((1, 32, 32, 3)),
+                                        train=False)
+            params, batch_stats = variables["params"], variables.get("batch_stats", {})
+            if sample is not None and hasattr(self.model, "init_from_data"):
+                params = self.model.init_from_data(params, normalize(sample, self.mean, self.std))
+            opt_state = reset_lookahead(self.tx.init(params), params, batch_stats)
+            opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams, **hyperparams})
+            return TrainState(
+                params=params, batch_stats=batch_stats, opt_state=opt_state,
+                plateau=self.plateau.init(params) if self.plateau is not None else (),
+                step=jnp.zeros((), jnp.int32), rng=rng, dropout_rate=dropout_rate,
+                best_params=jax.tree.map(jnp.copy, params), best_batch_stats=jax.tree.map(jnp.copy, batch_stats),
+                best_val_accuracy=jnp.asarray(-1.0, jnp.float32),
+                best_epoch=jnp.zeros((), jnp.int32), epoch=jnp.zeros((), jnp.int32))
+
+        return jax.jit(fresh)
+
+    def end_epoch(self, state: TrainState, val_loss: jax.Array, val_accuracy: jax.Array) -> TrainState:
+        """Close an epoch: keep the weights if ``val_accuracy`` (the selection metric: validation, or
+        training without a validation split) improved, step the plateau on ``val_loss``, count the epoch."""
+        improved = val_accuracy > state.best_val_accuracy
+
+        def pick(new, old):
+            return jax.tree.map(lambda a, b: jnp.where(improved, a, b), new, old)
+
+        plateau = state.plateau
+        if self.plateau is not None:
+            _, plateau = self.plateau.update(jnp.zeros(()), plateau, value=val_loss)
+        epoch = state.epoch + 1
+        return state.replace(
+            best_params=pick(state.params, state.best_params),
+            best_batch_stats=pick(state.batch_stats, state.best_batch_stats),
+            best_val_accuracy=jnp.maximum(val_accuracy, state.best_val_accuracy),
+            best_epoch=jnp.where(improved, epoch, state.best_epoch), epoch=epoch, plateau=plateau)
 
     def shard_batch(self, *arrays: jax.Array) -> tuple[jax.Array, ...]:
         """Constrain batch arrays to be split over the devices (data parallelism); a no-op on one device or
