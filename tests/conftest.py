@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -17,6 +18,9 @@ from jaxcifar.data.synthetic import synthetic_cifar
 CLASSES = ("cat", "dog", "frog")
 
 
+CACHE_KEY = pytest.StashKey[str]()
+
+
 def pytest_configure(config) -> None:
     """One persistent compilation cache for this test session, in a new temporary directory: a program that
     several tests (or the experiment subprocesses) compile is compiled once. Compiled programs are reused
@@ -27,10 +31,17 @@ def pytest_configure(config) -> None:
     from jaxcifar.train import enable_compile_cache
 
     cache = tempfile.mkdtemp(prefix="jaxcifar-test-compile-cache-")
+    config.stash[CACHE_KEY] = cache
     enable_compile_cache(cache)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = cache  # the experiments' subprocesses share it
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+
+def pytest_unconfigure(config) -> None:
+    cache = config.stash.get(CACHE_KEY, None)
+    if cache:
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 def png_bytes(img: np.ndarray) -> bytes:

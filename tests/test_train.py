@@ -12,6 +12,7 @@ from jaxcifar.errors import CheckpointError, ConfigError, TrainingError
 from jaxcifar.train import (
     TrainConfig,
     build,
+    checkpoint_manager,
     fit,
     init_state,
     load_body,
@@ -52,6 +53,18 @@ def test_overfits_a_small_batch(tiny):
     assert result.history["val_accuracy"] == [None] * 15 and result.history["val_loss"] == [None] * 15
     assert result.summary["selected_on"] == "training"
     assert result.summary["best_val_accuracy"] == pytest.approx(max(result.history["train_accuracy"]), abs=1e-6)
+
+
+def test_without_validation_checkpoints_name_their_training_selection(tiny, tmp_path):
+    """No validation split: the checkpoint's selection metric is called train_accuracy, "best" restores the
+    best training epoch's weights and says which epoch they are."""
+    cfg = FAST.replace(epochs=3, val_size=0, learning_rate=0.05)
+    result = fit(cfg, tiny, checkpoint_dir=str(tmp_path / "ck"), progress=False)
+    manager = checkpoint_manager(tmp_path / "ck")
+    saved = {step: manager.metrics(step) for step in manager.all_steps()}
+    assert saved and all(set(m) == {"train_accuracy"} for m in saved.values()), saved
+    trained = load_trained(tmp_path / "ck", "best")
+    assert trained.epoch == result.summary["best_epoch"] and trained.checkpoint_step >= trained.epoch
 
 
 def test_same_seed_same_numbers_other_seed_differs(tiny):

@@ -26,7 +26,10 @@ def checkpoint_manager(directory: str | Path, keep: int = 2) -> ocp.CheckpointMa
     Saves are synchronous, so a checkpoint that exists is complete (Orbax writes to a temporary
     directory and renames it)."""
     policy = pp.AnyPreservationPolicy([pp.LatestN(n=keep), pp.BestN(get_metric_fn=_metric, n=1)])
-    options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=False)
+    # best_fn as well: Orbax writes the metrics into a checkpoint only when it is set, and without them a
+    # restarted manager cannot tell "best" from "latest" (nor prune by it).
+    options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=_metric, best_mode="max",
+                                           enable_async_checkpointing=False)
     return ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
 

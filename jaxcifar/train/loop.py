@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -258,8 +257,7 @@ def _epoch(g: _Group, state: TrainState, epoch: int, histories: list[dict[str, A
         where = f"; last good checkpoint kept in {g.checkpoint_dir}" if g.checkpoint_dir else ""
         raise TrainingError(f"loss became NaN/inf in epoch {epoch}: lower the learning rate or set "
                             f"grad_clip_norm{where}")
-    per_run = (lambda x: jnp.asarray(x)) if g.meta["run_axis"] else (lambda x: jnp.asarray(x[0]))  # noqa: E731
-    state = g.program.end_epoch(state, per_run(val["loss"]), per_run(val["accuracy"]))
+    state = g.program.end_epoch(state, _per_run(g, val["loss"]), _per_run(g, val["accuracy"]))
     lrs = np.asarray(jax.device_get(g.program.current_lr(state))).reshape(len(g.runs))
     seconds = time.perf_counter() - t0
     for r, h in enumerate(histories):
@@ -271,14 +269,20 @@ def _epoch(g: _Group, state: TrainState, epoch: int, histories: list[dict[str, A
     return state
 
 
+def _per_run(g: _Group, values: np.ndarray) -> jax.Array:
+    """Per-run figures as the state's run axis takes them (a scalar without one); ``device_put`` rather than
+    ``jnp.asarray``, which compiles a copy program."""
+    return jax.device_put(np.asarray(values if g.meta["run_axis"] else values[0], np.float32))
+
+
 def _train_epoch(g: _Group, state: TrainState, epoch: int, progress: bool) -> tuple[TrainState, dict[str, Any]]:
     """Run the epoch's chunks; return the state and the per-step training metrics [runs, steps]."""
     spe = g.program.bounds[-1][1]
-    order = g.program.order(state.rng, epoch, g.train_index)
+    chunks = g.program.order(state.rng, epoch, g.train_index)
     bar = tqdm(total=spe, desc=f"epoch {epoch}/{g.config.epochs}", unit="step", disable=not progress, leave=False)
     metrics, finished, next_log = [], None, g.config.log_every
-    for lo, end in g.program.bounds:
-        state, m = g.program.run_chunk(state, *g.data.train, order[..., lo:end, :])
+    for (_, end), index in zip(g.program.bounds, chunks, strict=True):
+        state, m = g.program.run_chunk(state, *g.data.train, index)
         metrics.append(m)
         if progress and finished is not None:  # the bar counts finished steps; the new chunk keeps running
             jax.block_until_ready(finished[1])
@@ -290,8 +294,8 @@ def _train_epoch(g: _Group, state: TrainState, epoch: int, progress: bool) -> tu
             bar.set_postfix(loss=f"{np.mean(last['loss']):.3f}", acc=f"{np.mean(last['accuracy']):.3f}")
             next_log += g.config.log_every
     bar.close()
-    joined = jax.device_get(jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=-1), *metrics))
-    return state, {k: np.asarray(v).reshape(len(g.runs), spe) for k, v in joined.items()}
+    joined = jax.tree.map(lambda *xs: np.concatenate(xs, axis=-1), *jax.device_get(metrics))
+    return state, {k: v.reshape(len(g.runs), spe) for k, v in joined.items()}
 
 
 def _print_epoch(g: _Group, epoch: int, train_m: dict[str, Any], val: dict[str, Any], seconds: float) -> None:

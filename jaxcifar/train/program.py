@@ -33,7 +33,8 @@ class EpochProgram:
 
     * ``run_chunk(state, images, labels, index [.., K, B]) -> (state, metrics [.., K])``: K train steps
       (the state is donated);
-    * ``order(rng, epoch, train_index) -> index [.., steps, B]``: the epoch's batches;
+    * ``order(rng, epoch, train_index) -> (index [.., K, B], ...)``: the epoch's batches, one array per chunk
+      (cut inside the program, so the epoch loop runs no eager op that would compile);
     * ``evaluate`` / ``evaluate_val`` / ``evaluate_best(state, images, labels, index, weight) -> {loss,
       accuracy}``: the test split with the current weights, the validation split (per-run indices when each
       run has its own split), the test split with the best-so-far weights;
@@ -54,9 +55,10 @@ class EpochProgram:
     def precompile(self, state: TrainState, data: PreparedData, train_index: jax.Array | None,
                    eval_plans: dict[str, EvalPlan]) -> None:
         """Compile every piece for these arguments' shapes (each distinct chunk length once)."""
-        index = self.order(state.rng, 1, train_index)
+        chunks = self.order(state.rng, 1, train_index)
         for length in sorted({hi - lo for lo, hi in self.bounds}):
-            self.run_chunk.lower(state, *data.train, index[..., :length, :]).compile()
+            index = next(c for c in chunks if c.shape[-2] == length)
+            self.run_chunk.lower(state, *data.train, index).compile()
         if data.val is not None:
             self.evaluate_val.lower(state, *data.val, *eval_plans["val"]).compile()
         self.evaluate.lower(state, *data.test, *eval_plans["test"]).compile()
@@ -81,11 +83,14 @@ def build_program(config: TrainConfig, data: PreparedData, steps: StepFns, plan:
     vm = (lambda f, axes: over_runs(f, axes, plan.strategy)) if axis else (lambda f, axes: f)  # noqa: E731
     n_train = data.train_size
 
+    bounds = plan.bounds(n_runs)
+
     def order(rng, epoch, train_index=None):
-        """This epoch's batches; with a per-run split, positions in the run's ``train_index``."""
+        """This epoch's batches, cut into chunks; with a per-run split, positions in the run's ``train_index``."""
         idx = epoch_batches(jax.random.fold_in(jax.random.fold_in(rng, DATA_STREAM), epoch), n_train,
                             config.batch_size)
-        return idx if train_index is None else train_index[idx]
+        idx = idx if train_index is None else train_index[idx]
+        return tuple(idx[lo:end] for lo, end in bounds)
 
     def current_lr(state):
         return learning_rate(state) * unit_schedule(config, spe)(state.step)
@@ -100,7 +105,7 @@ def build_program(config: TrainConfig, data: PreparedData, steps: StepFns, plan:
         evaluate_best=jax.jit(vm(make_evaluator(steps, use_best=True), (0, None, None, None, None))),
         end_epoch=jax.jit(vm(steps.end_epoch, (0, 0, 0))),
         current_lr=jax.jit(vm(current_lr, (0,))),
-        bounds=plan.bounds(n_runs),
+        bounds=bounds,
         n_runs=n_runs if axis else None,
         batch_size=config.batch_size,
     )
