@@ -24,6 +24,7 @@ from jaxcifar.data.split import validation_count
 from jaxcifar.errors import ConfigError
 from jaxcifar.report import markdown_table, plot_bars, plot_seed_band, seed_statistics, write_json, write_text
 from jaxcifar.train import fit
+from jaxcifar.train.plan import compute_dtype
 
 AIRBENCH = "airbench94: 94.01 % in 3.83 s on an A100 (the family's record: 94 % in about 2.6 s)"
 
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     args = cli.parse(p, argv)
     if args.runs < 1:
         p.error("--runs must be at least 1")
-    dtype = args.dtype if args.dtype != "auto" else "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    dtype = compute_dtype(args.dtype)
     out = cli.out_dir(args)
     data = cli.load_data(args)
     config = configs.speedrun(epochs=args.epochs, batch_size=args.batch_size, val_size=args.val_size,

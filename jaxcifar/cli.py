@@ -52,6 +52,11 @@ def common_parser(description: str, *, epochs: int, batch_size: int, out: str, q
                    help="data-parallel over the first N devices (default: all); the batch must divide by N")
     p.add_argument("--distributed", action="store_true",
                    help="multi-host: call jax.distributed.initialize() first (see docs/scaling.md)")
+    p.add_argument("--require-gpu", action="store_true",
+                   help="stop with an error unless JAX runs on a GPU/TPU (instead of silently using the CPU)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="identical GPU results run to run (--xla_gpu_deterministic_ops; slower on GPU, no effect "
+                        "on CPU, which is deterministic already)")
     p.add_argument("--compile-cache", metavar="DIR", default=os.environ.get("JAXCIFAR_COMPILE_CACHE"),
                    help="keep compiled programs in DIR across runs (JAX's persistent compilation cache; "
                         "default: $JAXCIFAR_COMPILE_CACHE, unset = off)")
@@ -79,10 +84,18 @@ def data_line(data: Dataset, val_size: int | float) -> str:
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """Parse ``argv`` and fill the defaults that depend on ``--quick`` (epochs, batch and validation size)."""
     args = parser.parse_args(argv)
+    if getattr(args, "deterministic", False):
+        from jaxcifar._xla import deterministic_gpu
+
+        deterministic_gpu()
     if getattr(args, "compile_cache", None):
         from jaxcifar.train.compilation import enable_compile_cache
 
         enable_compile_cache(args.compile_cache)
+    if getattr(args, "require_gpu", False):
+        from jaxcifar.train.plan import require_accelerator
+
+        require_accelerator()
     if getattr(args, "distributed", False):
         from jaxcifar.train.parallel import initialize_distributed
 

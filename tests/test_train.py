@@ -101,6 +101,23 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny, tmp_path):
         fit(cfg.replace(learning_rate=0.5), tiny, checkpoint_dir=str(tmp_path / "ck"), progress=False)
 
 
+def test_checkpoint_every_two_epochs_resumes_exactly_from_the_last_saved(tiny, tmp_path):
+    cfg = FAST.replace(epochs=4, checkpoint_every=2, augment=("flip",))
+    full = fit(cfg, tiny, progress=False)
+
+    def stop_after_three(epoch, _):
+        if epoch == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        fit(cfg, tiny, checkpoint_dir=str(tmp_path / "ck"), progress=False, on_epoch_end=stop_after_three)
+    assert checkpoint_manager(tmp_path / "ck").all_steps() == [2]  # epoch 3 was not saved
+    resumed = fit(cfg, tiny, checkpoint_dir=str(tmp_path / "ck"), progress=False)
+    assert strip_times(resumed.histories) == strip_times(full.histories)
+    chex.assert_trees_all_equal(resumed.state.params, full.state.params)
+    assert checkpoint_manager(tmp_path / "ck").all_steps() == [2, 4]  # the last epoch is always saved
+
+
 def test_restored_checkpoint_gives_identical_predictions_and_fine_tunes(tiny, tmp_path):
     cfg = FAST.replace(model_kwargs={"batch_norm": True})
     result = fit(cfg, tiny, checkpoint_dir=str(tmp_path / "ck"), progress=False)

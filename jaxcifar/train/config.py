@@ -83,6 +83,8 @@ class TrainConfig:
     parallel: str = "auto"
     # checkpoints
     keep_checkpoints: int = 2
+    checkpoint_every: int = 1  # epochs between checkpoints (the last epoch is always saved); raise it when a
+    # save takes long against an epoch (a fast GPU): a resume then restarts after the last saved epoch
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -134,6 +136,7 @@ def validate_config(c: TrainConfig, train_size: int | None = None) -> None:
     _check(c.plateau_patience is None or c.plateau_patience >= 1, "plateau_patience must be >= 1 or None")
     _check(0 < c.plateau_factor < 1, f"plateau_factor {c.plateau_factor} must be in (0, 1)")
     _check(c.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
+    _check(c.checkpoint_every >= 1, f"checkpoint_every {c.checkpoint_every} must be >= 1 (epochs between saves)")
     _check(c.tta in (0, 1, 2), f"tta {c.tta} must be 0 (none), 1 (mirror) or 2 (mirror and shifts)")
     _check(c.lookahead_every is None or c.lookahead_every >= 1, "lookahead_every must be >= 1 or None")
     _check(0.0 <= c.lookahead_decay < 1.0, f"lookahead_decay {c.lookahead_decay} must be in [0, 1)")

@@ -76,11 +76,13 @@ def fit(
 ) -> FitResult:
     """Train ``config`` on ``dataset``; with ``runs`` (a list of per-run overrides, see :data:`RUN_KEYS`)
     train them all at once in one compiled program (``config.run_strategy``), ``config.runs_per_chunk`` runs
-    at a time (default: as many as fit in memory). Checkpoints every epoch into ``checkpoint_dir`` (one
+    at a time (default: as many as fit in memory).
+
+    Checkpoints into ``checkpoint_dir`` every ``config.checkpoint_every`` epochs and after the last (one
     sub-directory per group of runs when there are several groups) and resumes from the latest checkpoint
-    when ``resume``. ``on_epoch_end(epoch, histories)`` is called after every epoch (after its checkpoint is
-    saved). ``body`` (trained ``{"params", "batch_stats"}``, e.g. ``load_trained(dir).variables``)
-    fine-tunes: every module but the classifier ``head`` starts from it.
+    when ``resume``. ``on_epoch_end(epoch, histories)`` is called after every epoch (after its checkpoint, if
+    it has one, is saved). ``body`` (trained ``{"params", "batch_stats"}``, e.g.
+    ``load_trained(dir).variables``) fine-tunes: every module but the classifier ``head`` starts from it.
     """
     run_list = _checked_runs(config, runs)
     data = _prepared(dataset, config, per_run_split=runs is not None and config.split_per_run)
@@ -221,12 +223,13 @@ def train_group(g: _Group, resume: bool, progress: bool, on_epoch_end: EpochHook
     with CompileClock() as later:
         for epoch in range(start_epoch + 1, g.config.epochs + 1):
             state = _epoch(g, state, epoch, histories, progress)
-            if manager is not None:
+            stop = _should_stop(g.config, state, epoch)
+            if manager is not None and (stop or _saves(g.config, epoch)):
                 ckpt.save(manager, epoch, state, {**g.meta, "histories": histories},
                           _selection_metrics(g, histories))
             if on_epoch_end is not None:
                 on_epoch_end(epoch, histories)
-            if _should_stop(g.config, state, epoch):
+            if stop:
                 break
         summaries = _summaries(g, state, histories)
     meta = {**g.meta, **startup, "epoch_compilations": later.compiles}
@@ -306,6 +309,11 @@ def _print_epoch(g: _Group, epoch: int, train_m: dict[str, Any], val: dict[str, 
     tqdm.write(line + f"{seconds:.1f}s")
 
 
+def _saves(config: TrainConfig, epoch: int) -> bool:
+    """Whether epoch ``epoch`` is checkpointed: every ``checkpoint_every`` epochs and the last one."""
+    return epoch % config.checkpoint_every == 0 or epoch == config.epochs
+
+
 def _selection_metrics(g: _Group, histories: list[dict[str, Any]]) -> dict[str, float]:
     """The checkpoint's selection metric, named for what it is: the mean over runs of the last epoch's
     ``val_accuracy``, or ``train_accuracy`` without a validation split."""
@@ -375,8 +383,8 @@ def _append_epoch(h, epoch, spe, log_every, train_m, r, val_loss, val_acc, lr, s
         h["interval"]["accuracy"].append(float(acc[end - log_every:end].mean()))
 
 
-_NOT_CHECKED_ON_RESUME = {"epochs", "early_stopping_patience", "keep_checkpoints", "log_every", "run_strategy",
-                          "runs_per_chunk", "devices"}
+_NOT_CHECKED_ON_RESUME = {"epochs", "early_stopping_patience", "keep_checkpoints", "checkpoint_every", "log_every",
+                          "run_strategy", "runs_per_chunk", "devices"}
 
 
 def _check_resumable(saved: dict[str, Any], meta: dict[str, Any], directory: str) -> None:

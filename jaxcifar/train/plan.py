@@ -26,6 +26,7 @@ import jax
 from jax.sharding import Mesh
 
 from jaxcifar.data.batching import steps_per_epoch
+from jaxcifar.errors import ConfigError
 from jaxcifar.train.config import TrainConfig
 from jaxcifar.train.parallel import check_batch, data_mesh, parallel_mode
 
@@ -142,3 +143,21 @@ def halving_group_size(n_runs: int, fits: callable) -> int:
     while size > 1 and not fits(size):
         size = math.ceil(size / 2)
     return size
+
+
+def compute_dtype(requested: str, backend: str | None = None) -> str:
+    """``requested`` compute dtype; ``"auto"`` = bfloat16 on an accelerator, float32 on CPU (XLA:CPU has no
+    fast bf16 path: bf16 was slower there)."""
+    if requested != "auto":
+        return requested
+    return "float32" if (backend or jax.default_backend()) == "cpu" else "bfloat16"
+
+
+def require_accelerator(backend: str | None = None) -> None:
+    """Raise ``ConfigError`` when JAX runs on the CPU although a GPU/TPU was asked for (e.g. a CUDA jaxlib
+    that fell back to the CPU on a driver too old for it)."""
+    backend = backend or jax.default_backend()
+    if backend == "cpu":
+        raise ConfigError("a GPU was required (--require-gpu) but JAX runs on the CPU: install the CUDA build "
+                          "matching your driver (pip install -e \".[cuda13]\" for driver >= 580, \".[cuda12]\" "
+                          "for older ones), check `nvidia-smi`, and run with JAX_PLATFORMS=cuda to see why")

@@ -120,8 +120,8 @@ def eval_plans(data: PreparedData, batch_size: int) -> dict[str, EvalPlan]:
 
 
 # Config fields the compiled programs do not depend on.
-NOT_IN_PROGRAM = ("seed", "split_seed", "keep_checkpoints", "early_stopping_patience", "log_every",
-                  "runs_per_chunk")
+NOT_IN_PROGRAM = ("seed", "split_seed", "keep_checkpoints", "checkpoint_every", "early_stopping_patience",
+                  "log_every", "runs_per_chunk")
 
 
 def program_key(config: TrainConfig, data: PreparedData, plan: RunPlan) -> tuple:
