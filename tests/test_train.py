@@ -253,3 +253,31 @@ def test_fine_tuning_starts_from_the_trained_body(tiny):
     chex.assert_trees_all_close(body, {k: v for k, v in trained.params.items() if k != "head"}, atol=1e-6)
     chex.assert_trees_all_close(tuned.state.params["head"], fresh.state.params["head"], atol=1e-6)  # new head
     assert tuned.meta["fine_tuned"] and not fresh.meta["fine_tuned"]
+
+
+def test_a_redefined_model_class_gets_a_new_program(tiny, monkeypatch):
+    """The program cache keys on the registered model's identity, not only its name: redefining the class
+    behind a name trains the new architecture, not the cached old one."""
+    import flax.linen as nn
+
+    from jaxcifar import models
+
+    def define(kernel: int, width: int):
+        class Tiny(nn.Module):
+            num_classes: int = 10
+            dtype: object = jnp.float32
+
+            @nn.compact
+            def __call__(self, x, train: bool = False, dropout_rate=None):
+                x = nn.Conv(width, (kernel, kernel), name="conv")(x)
+                return nn.Dense(self.num_classes, name="head")(x.mean(axis=(1, 2)))
+
+        return Tiny
+
+    cfg = FAST.replace(model="tiny_test_net", epochs=1)
+    monkeypatch.setitem(models.MODELS, "tiny_test_net", define(3, 8))
+    first = fit(cfg, tiny, progress=False)
+    monkeypatch.setitem(models.MODELS, "tiny_test_net", define(5, 32))
+    second = fit(cfg, tiny, progress=False)
+    assert first.state.params["conv"]["kernel"].shape == (3, 3, 3, 8)
+    assert second.state.params["conv"]["kernel"].shape == (5, 5, 3, 32)

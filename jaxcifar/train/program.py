@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcifar.data.batching import epoch_batches, eval_batches
+from jaxcifar.models import MODELS
 from jaxcifar.train.config import TrainConfig
 from jaxcifar.train.optim import unit_schedule
 from jaxcifar.train.plan import RunPlan
@@ -125,12 +126,21 @@ NOT_IN_PROGRAM = ("seed", "split_seed", "keep_checkpoints", "checkpoint_every", 
 
 
 def program_key(config: TrainConfig, data: PreparedData, plan: RunPlan) -> tuple:
-    """Everything the compiled programs depend on (the data only through its shapes and statistics)."""
+    """Everything the compiled programs depend on (the data only through its shapes and statistics), including
+    the identity of the registered model factory: a model class redefined (or re-registered) under the same
+    name gets a new program instead of silently training the old one."""
     program = {k: v for k, v in config.to_dict().items() if k not in NOT_IN_PROGRAM}
-    return (json.dumps(program, sort_keys=True, default=str), data.mean, data.std, data.num_classes,
-            data.train_size, data.per_run_val, data.val is not None and int(data.val[1].shape[0]),
+    factory = MODELS.get(config.model)
+    return (json.dumps(program, sort_keys=True, default=str), _identity(factory), data.mean, data.std,
+            data.num_classes, data.train_size, data.per_run_val, data.val is not None and int(data.val[1].shape[0]),
             int(data.test[1].shape[0]), tuple(d.id for d in plan.mesh.devices.flat), plan.backend,
             plan.strategy, plan.loop, plan.max_chunk, plan.parallel)
+
+
+def _identity(obj: object) -> tuple:
+    """Module, qualified name and the object itself (classes and functions compare by identity): the same
+    name defined twice gives two keys."""
+    return (getattr(obj, "__module__", None), getattr(obj, "__qualname__", None), obj)
 
 
 class ProgramCache:
