@@ -83,3 +83,22 @@ def folder(tmp_path) -> tuple[Path, dict]:
 def tiny() -> object:
     """512 train / 128 test generated images of 10 learnable classes."""
     return synthetic_cifar(512, 128, 10, seed=0, noise=60.0)
+
+
+def steps_on_one_batch(config, dataset, steps: int = 8):
+    """Train ``steps`` jitted steps of ``config`` on the first batch of ``dataset``; return ``(fns, state,
+    losses)``."""
+    import jax
+
+    from jaxcifar.train import build, init_state, prepare_data
+
+    data = prepare_data(dataset, config)
+    fns = build(config, data)
+    state = init_state(config, fns, None, data.train[0])
+    step = jax.jit(fns.train_step)
+    batch = (data.train[0][:config.batch_size], data.train[1][:config.batch_size])
+    losses = []
+    for i in range(steps):
+        state, m = step(state, batch, jax.random.key(i))
+        losses.append(float(m["loss"]))
+    return fns, state, losses

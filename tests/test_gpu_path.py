@@ -11,10 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import steps_on_one_batch
 
 from jaxcifar.errors import ConfigError
 from jaxcifar.layers import BatchNorm
-from jaxcifar.train import TrainConfig, build, fit, init_state, make_plan, prepare_data, unstack_state
+from jaxcifar.train import TrainConfig, fit, make_plan, unstack_state
 from jaxcifar.train.plan import compute_dtype, require_accelerator
 
 # A small ConvNet keeps the rolled scan affordable on CPU (XLA:CPU runs its backward convolutions slowly).
@@ -94,18 +95,10 @@ def test_cpu_backend_refuses_a_required_gpu(monkeypatch):
 def test_bf16_compute_keeps_float32_state_and_learns(tiny, name, kwargs):
     cfg = TrainConfig(model=name, model_kwargs=kwargs, dtype="bfloat16", batch_size=32, val_size=0,
                       optimizer="adam", learning_rate=3e-3)
-    data = prepare_data(tiny, cfg)
-    fns = build(cfg, data)
-    state = init_state(cfg, fns, None, data.train[0])
-    step = jax.jit(fns.train_step)
-    images, labels = data.train[0][:32], data.train[1][:32]
-    losses = []
-    for i in range(8):
-        state, m = step(state, (images, labels), jax.random.key(i))
-        losses.append(float(m["loss"]))
+    fns, state, losses = steps_on_one_batch(cfg, tiny)
     for tree in (state.params, state.batch_stats):
         assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(tree))
-    assert fns.logits(state.variables, images).dtype == jnp.float32
+    assert fns.logits(state.variables, tiny.test.images[:8]).dtype == jnp.float32
     assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
 
 

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import steps_on_one_batch
 
 from jaxcifar.errors import CheckpointError, ConfigError, TrainingError
 from jaxcifar.train import (
@@ -31,16 +32,7 @@ def strip_times(histories):
 
 
 def test_loss_falls_within_a_few_steps(tiny):
-    cfg = FAST.replace(epochs=1)
-    data = prepare_data(tiny, cfg)
-    fns = build(cfg, data)
-    state = init_state(cfg, fns)
-    step = jax.jit(fns.train_step)
-    images, labels = data.train[0][:32], data.train[1][:32]
-    losses = []
-    for i in range(8):
-        state, m = step(state, (images, labels), jax.random.key(i))
-        losses.append(float(m["loss"]))
+    _, _, losses = steps_on_one_batch(FAST.replace(epochs=1), tiny)
     assert losses[-1] < 0.7 * losses[0], losses
 
 
@@ -82,16 +74,20 @@ class Interrupt(Exception):
     pass
 
 
-def test_interrupted_and_resumed_equals_uninterrupted(tiny, tmp_path):
-    cfg = FAST.replace(epochs=3, augment=("flip",), dropout_rate=0.2, plateau_patience=1)
-    full = fit(cfg, tiny, progress=False)
-
-    def stop_after_two(epoch, _):
-        if epoch == 2:
+def interrupt_after(cfg, dataset, directory, epoch: int) -> None:
+    """``fit`` into ``directory``, killed (an exception from the epoch hook) after epoch ``epoch``."""
+    def stop(e, _):
+        if e == epoch:
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        fit(cfg, tiny, checkpoint_dir=str(tmp_path / "ck"), progress=False, on_epoch_end=stop_after_two)
+        fit(cfg, dataset, checkpoint_dir=str(directory), progress=False, on_epoch_end=stop)
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(tiny, tmp_path):
+    cfg = FAST.replace(epochs=3, augment=("flip",), dropout_rate=0.2, plateau_patience=1)
+    full = fit(cfg, tiny, progress=False)
+    interrupt_after(cfg, tiny, tmp_path / "ck", 2)
     resumed = fit(cfg, tiny, checkpoint_dir=str(tmp_path / "ck"), progress=False)
     assert full.meta["epoch_compilations"] == 0 == resumed.meta["epoch_compilations"]  # all compiled up front
     assert strip_times(resumed.histories) == strip_times(full.histories)
@@ -104,13 +100,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny, tmp_path):
 def test_checkpoint_every_two_epochs_resumes_exactly_from_the_last_saved(tiny, tmp_path):
     cfg = FAST.replace(epochs=4, checkpoint_every=2, augment=("flip",))
     full = fit(cfg, tiny, progress=False)
-
-    def stop_after_three(epoch, _):
-        if epoch == 3:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        fit(cfg, tiny, checkpoint_dir=str(tmp_path / "ck"), progress=False, on_epoch_end=stop_after_three)
+    interrupt_after(cfg, tiny, tmp_path / "ck", 3)
     assert checkpoint_manager(tmp_path / "ck").all_steps() == [2]  # epoch 3 was not saved
     resumed = fit(cfg, tiny, checkpoint_dir=str(tmp_path / "ck"), progress=False)
     assert strip_times(resumed.histories) == strip_times(full.histories)
