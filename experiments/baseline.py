@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     data = cli.load_data(args)
     config = configs.baseline(batch_size=args.batch_size, epochs=args.epochs, val_size=args.val_size,
                               seed=args.seed, dropout_rate=args.dropout, devices=args.devices)
+    config = cli.overridden(config, args)
     result = fit(config, data, checkpoint_dir=str(out / "checkpoints"), resume=not args.no_resume,
                  progress=not args.no_progress)
     s, h = result.summary, result.history

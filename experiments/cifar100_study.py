@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             p.error(f"unknown variant(s) {sorted(unknown)}: choose from {sorted(chosen)}")
         chosen = {k: v for k, v in chosen.items() if k in args.only}
+    chosen = {k: cli.overridden(v, args) for k, v in chosen.items()}
     bodies, skipped = {}, []
     if tuned in chosen:
         if args.pretrained:

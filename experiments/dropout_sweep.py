@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     data = cli.load_data(args)
     config = configs.baseline(batch_size=args.batch_size, epochs=args.epochs, val_size=args.val_size,
                               seed=args.seed, devices=args.devices)
+    config = cli.overridden(config, args)
     runs = [{"dropout_rate": r, "seed": args.seed + s} for r, s in itertools.product(args.rates, range(args.seeds))]
     result = fit(config, data, runs=runs, checkpoint_dir=str(out / "checkpoints"), resume=not args.no_resume,
                  progress=not args.no_progress)

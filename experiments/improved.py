@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             p.error(f"unknown variant(s) {sorted(unknown)}: choose from {sorted(chosen)}")
         chosen = {k: v for k, v in chosen.items() if k in args.only}
+    chosen = {k: cli.overridden(v, args) for k, v in chosen.items()}
     results = run_study("Improved recipe and ablation", chosen, data, out, resume=not args.no_resume,
                         progress=not args.no_progress,
                         intro="Each row removes one ingredient from the full recipe; contribution = full recipe's "

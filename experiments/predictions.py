@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
             name = "normalized" if normalize else "raw"
             config = configs.baseline(batch_size=args.batch_size, epochs=args.epochs, val_size=args.val_size,
                                       seed=args.seed, normalize=normalize, devices=args.devices)
+            config = cli.overridden(config, args)
             directory = out / "models" / name
             fit(config, data, checkpoint_dir=str(directory), resume=not args.no_resume,
                 progress=not args.no_progress)

@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
                                   seed=args.seed, split_seed=args.seed, run_strategy=args.run_strategy,
                                   runs_per_chunk=args.runs_per_chunk, devices=args.devices,
                                   split_per_run=args.split_per_run, **extra)
+    config = cli.overridden(config, args)
     runs = [{"seed": args.seed + k} for k in range(args.seeds)]
     result = fit(config, data, runs=runs, checkpoint_dir=str(out / "checkpoints"), resume=not args.no_resume,
                  progress=not args.no_progress)

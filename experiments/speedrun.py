@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     data = cli.load_data(args)
     config = configs.speedrun(epochs=args.epochs, batch_size=args.batch_size, val_size=args.val_size,
                               tta=args.tta, dtype=dtype, devices=args.devices)
+    config = cli.overridden(config, args)
     runs, histories = _previous_runs(out / "results.json", config, args.no_resume)
     for k in range(len(runs), args.runs):
         seed = args.seed + k

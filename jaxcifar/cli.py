@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from jaxcifar.data import Dataset, load_cifar
-from jaxcifar.errors import JaxCifarError
+from jaxcifar.errors import ConfigError, JaxCifarError
+from jaxcifar.train.config import TrainConfig, validate_config
 
 QUICK_TRAIN, QUICK_TEST, QUICK_EPOCHS = 5000, 1000, 3
 
@@ -52,6 +55,9 @@ def common_parser(description: str, *, epochs: int, batch_size: int, out: str, q
                    help="data-parallel over the first N devices (default: all); the batch must divide by N")
     p.add_argument("--distributed", action="store_true",
                    help="multi-host: call jax.distributed.initialize() first (see docs/scaling.md)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override any TrainConfig field, e.g. --set learning_rate=0.01 --set "
+                        "model_kwargs.dense='[256]' (VALUE is JSON, else a string; repeatable)")
     p.add_argument("--require-gpu", action="store_true",
                    help="stop with an error unless JAX runs on a GPU/TPU (instead of silently using the CPU)")
     p.add_argument("--deterministic", action="store_true",
@@ -122,6 +128,39 @@ def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = 
         print("interrupted: checkpoints written so far are kept; run the same command again to resume",
               file=sys.stderr)
         raise SystemExit(130) from None
+
+
+def overridden(config: TrainConfig, args: argparse.Namespace) -> TrainConfig:
+    """``config`` with the ``--set FIELD=VALUE`` overrides applied (``model_kwargs.NAME`` sets one model option)
+    and validated; a bad field or value is a ``ConfigError`` naming it."""
+    fields = config.to_dict()
+    for item in getattr(args, "set", []):
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--set {item!r}: write FIELD=VALUE, e.g. --set learning_rate=0.01")
+        head, _, option = name.partition(".")
+        if head not in fields or (option and head != "model_kwargs"):
+            raise ConfigError(f"--set {name}: no such config field; use one of {sorted(fields)} "
+                              f"(or model_kwargs.OPTION)")
+        value = _parsed(text)
+        if option:
+            fields["model_kwargs"] = {**fields["model_kwargs"], option: value}
+        else:
+            fields[head] = value
+    try:
+        result = TrainConfig.from_dict(fields)
+    except TypeError as e:
+        raise ConfigError(f"--set: {e}") from e
+    validate_config(result)
+    return result
+
+
+def _parsed(text: str) -> Any:
+    """A ``--set`` value: JSON when it parses (numbers, booleans, null, lists, objects), else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 def out_dir(args: argparse.Namespace) -> Path:

@@ -22,7 +22,7 @@ from jaxcifar.data import (
     split_indices,
     train_val_split,
 )
-from jaxcifar.errors import ConfigError
+from jaxcifar.errors import ConfigError, DataError
 
 
 @pytest.fixture(scope="module")
@@ -138,3 +138,44 @@ def test_eval_batches_visit_each_example_once(n, b):
     visited = idx[w > 0]
     np.testing.assert_array_equal(np.sort(visited), np.arange(n))
     assert w.sum() == n
+
+
+def test_subset_is_seeded_stratified_and_shuffled(tiny):
+    from jaxcifar.data import class_counts
+
+    ordered = tiny.__class__(tiny.name, tiny.train.take(np.argsort(tiny.train.labels, kind="stable")), tiny.test,
+                             tiny.class_names, source="class order")  # as a local copy loads
+    sub = ordered.subset(100, 50, seed=3)
+    assert (len(sub.train), len(sub.test)) == (100, 50) and "subset" in sub.source
+    counts = class_counts(sub.train.labels, 10)
+    expected = class_counts(ordered.train.labels, 10) * 100 / len(ordered.train)
+    assert np.all(np.abs(counts - expected) < 1), counts  # every class keeps its share
+    assert len(set(sub.train.labels[:20].tolist())) > 3  # shuffled, not a single-class prefix
+    again = ordered.subset(100, 50, seed=3)
+    np.testing.assert_array_equal(again.train.images, sub.train.images)
+    assert not np.array_equal(ordered.subset(100, 50, seed=4).train.labels, sub.train.labels)
+    assert len(ordered.subset(n_test=10).train) == len(ordered.train)
+    with pytest.raises(DataError, match="subset of 1000 examples from a split of 512"):
+        ordered.subset(1000)
+
+
+def test_dataset_from_arrays_checks_and_trains():
+    from jaxcifar.data import Dataset
+    from jaxcifar.train import TrainConfig, fit
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (96, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 3, 96)
+    ds = Dataset.from_arrays(images, labels, images[:32] / 255.0, labels[:32], class_names=["a", "b", "c"])
+    assert ds.num_classes == 3 and ds.test.images.dtype == np.uint8 and ds.train.labels.dtype == np.int32
+    np.testing.assert_array_equal(ds.test.images, images[:32])  # [0, 1] floats round back to the same uint8
+    assert Dataset.from_arrays(images, labels, images, labels).class_names == ("0", "1", "2")
+    for args, match in (((images.astype(np.float32), labels), "floats up to 255"),
+                        ((images.transpose(0, 3, 1, 2), labels), "NCHW"),
+                        ((images, labels + 5), r"labels range over \[5, 7\] but there are 3 classes"),
+                        ((images, np.eye(3)[labels]), "one integer label per image")):
+        with pytest.raises(DataError, match=match):
+            Dataset.from_arrays(*args, images, labels, class_names=["a", "b", "c"])
+    result = fit(TrainConfig(epochs=1, batch_size=32, val_size=32, log_every=1, eval_batch_size=32), ds,
+                 progress=False)
+    assert result.history["epoch"] == [1] and np.isfinite(result.history["train_loss"]).all()

@@ -192,3 +192,35 @@ def test_quick_defaults_follow_each_experiment(quick):
     explicit = cli.parse(cli.common_parser("x", epochs=20, batch_size=32, out="o"),
                          [*flags, "--epochs", "7", "--batch-size", "64", "--val-size", "0.1"])
     assert (explicit.epochs, explicit.batch_size, explicit.val_size) == (7, 64, 0.1)
+
+
+def test_set_overrides_any_config_field():
+    from argparse import Namespace
+
+    from jaxcifar import configs
+    from jaxcifar.cli import overridden
+    from jaxcifar.errors import ConfigError
+
+    base = configs.baseline()
+    augment = 'augment=["flip", ["crop", {"padding": 4}]]'
+    args = Namespace(set=["learning_rate=0.01", "model_kwargs.dense=[256]", augment, "optimizer=adamw",
+                          "nesterov=true"])
+    cfg = overridden(base, args)
+    assert (cfg.learning_rate, cfg.optimizer, cfg.nesterov) == (0.01, "adamw", True)
+    assert cfg.model_kwargs == {**base.model_kwargs, "dense": [256]}  # one option set, the others kept
+    assert cfg.augment == ("flip", ("crop", {"padding": 4}))
+    assert overridden(base, Namespace(set=[])) == base
+    for bad, match in (("learnig_rate=1", "no such config field"), ("learning_rate", "write FIELD=VALUE"),
+                       ("learning_rate=-1", "learning rate -1 must be > 0"), ("epochs.x=1", "no such config field"),
+                       ("optimizer=lamb", "unknown optimizer")):
+        with pytest.raises(ConfigError, match=match):
+            overridden(base, Namespace(set=[bad]))
+
+
+def test_set_reaches_the_experiment_and_bad_values_are_one_line(tmp_path):
+    out, res = run_tiny(tmp_path, "baseline", "--batch-size", "25", "--epochs", "1", "--set", "learning_rate=0.002",
+                        "--set", "model_kwargs.dense=[64]")
+    assert res["config"]["learning_rate"] == 0.002 and res["config"]["model_kwargs"]["dense"] == [64]
+    bad = run("--data", str(tmp_path / "tiny.zip"), "--cache-dir", str(tmp_path / "cache"), "--out",
+              str(tmp_path / "o2"), "--set", "dropout_rate=1.5", experiment="baseline")
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "dropout rate 1.5" in bad.stderr

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import steps_on_one_batch
 
-from jaxcifar.errors import CheckpointError, ConfigError, TrainingError
+from jaxcifar.errors import CheckpointError, ConfigError, DataError, TrainingError
 from jaxcifar.train import (
     TrainConfig,
     build,
@@ -231,6 +231,15 @@ def test_load_trained_restores_best_weights_for_prediction(tiny, tmp_path):
     images = np.asarray(tiny.test.images[:16])
     expect = jax.jit(result.fns.probabilities)(result.state.best_variables, images)
     np.testing.assert_allclose(trained.probabilities(images), expect, rtol=1e-6, atol=1e-7)
+    # Other input layouts research code passes: one HWC image, [0, 1] floats; the rest is a clear error.
+    np.testing.assert_allclose(trained.probabilities(images[3]), expect[3:4], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(trained.probabilities(images / 255.0), expect, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(trained.predict(images), np.asarray(expect).argmax(-1))
+    for bad, match in ((images.astype(np.float32), "floats up to 255.*images / 255"),
+                       (images.transpose(0, 3, 1, 2), "NCHW.*transpose"), (images[:, :28, :28], "28x28x3.*resize"),
+                       (images / 127.5 - 1.0, "negative values.*normalizes them itself")):
+        with pytest.raises(DataError, match=match):
+            trained.probabilities(bad)
     assert result.meta["normalization"] == {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -59,6 +60,47 @@ class Dataset:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def subset(self, n_train: int | None = None, n_test: int | None = None, seed: int = 0,
+               stratified: bool = True) -> Dataset:
+        """A seeded random subset in random order: ``n_train`` training and ``n_test`` test examples (None:
+        all of them, shuffled), each class keeping its share when ``stratified``. Take subsets this way, not
+        by slicing: a local copy loads in class order (``ds.train.images[:2000]`` would be all airplanes)."""
+        import jax
+
+        from jaxcifar.data.split import split_indices
+
+        def pick(split: Split, n: int | None, stream: int) -> Split:
+            count = len(split) if n is None else n
+            if not 1 <= count <= len(split):
+                raise DataError(f"subset of {count} examples from a split of {len(split)}: pick 1..{len(split)}")
+            key = jax.random.fold_in(jax.random.key(seed), stream)
+            if count == len(split):  # all of it: every class keeps its share, only the order changes
+                return split.take(np.asarray(jax.random.permutation(key, count)))
+            _, chosen = split_indices(key, split.labels, count, stratified=stratified,
+                                      num_classes=self.num_classes)
+            return split.take(np.asarray(chosen))
+
+        return Dataset(self.name, pick(self.train, n_train, 0), pick(self.test, n_test, 1), self.class_names,
+                       self.coarse_class_names, f"{self.source} (subset: seed {seed})")
+
+    @classmethod
+    def from_arrays(cls, train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray,
+                    test_labels: np.ndarray, class_names: Sequence[str] | None = None, name: str = "arrays",
+                    source: str = "arrays") -> Dataset:
+        """A dataset from your own arrays: images uint8 [N, 32, 32, 3] or floats in [0, 1] (rounded to uint8,
+        what the data pipeline keeps on the device), integer labels. ``class_names`` default to "0", "1", ...
+        up to the largest label. Bad shapes, ranges or dtypes raise ``DataError`` saying the fix."""
+        from jaxcifar.data.checks import as_uint8, checked_labels
+
+        if class_names is None:
+            top = max(int(np.max(train_labels, initial=0)), int(np.max(test_labels, initial=0)))
+            class_names = [str(i) for i in range(top + 1)]
+        splits = []
+        for what, images, labels in (("train", train_images, train_labels), ("test", test_images, test_labels)):
+            x = as_uint8(images, f"{what} images")
+            splits.append(Split(x, checked_labels(labels, len(x), len(class_names), f"{what} labels")))
+        return cls(name, splits[0], splits[1], tuple(class_names), None, source)
+
 
 def load_cifar(
     name: str = "cifar10",
@@ -75,7 +117,8 @@ def load_cifar(
     With ``path`` (an ImageFolder directory or ``.zip``) the local copy is read; otherwise tfds loads the
     dataset (downloading into ``data_dir`` when online and ``download``). Decoded arrays are cached under ``cache_dir``
     (default ``$JAXCIFAR_CACHE`` or ``~/.cache/jaxcifar``), keyed by the source's content, so the second
-    load takes well under a second.
+    load takes well under a second. A local copy comes in class order (every image of the first class,
+    then the second, ...): take subsets with :meth:`Dataset.subset`, never by slicing.
     """
     if name not in NUM_CLASSES:
         raise DataError(f"unknown dataset {name!r}: use one of {sorted(NUM_CLASSES)}")

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxcifar.data.checks import checked_images
 from jaxcifar.errors import CheckpointError
 from jaxcifar.train import checkpoint as ckpt
 from jaxcifar.train.config import TrainConfig
@@ -32,10 +33,17 @@ class Trained:
     checkpoint_step: int
 
     def probabilities(self, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
-        """Softmax probabilities float32 [N, classes] for uint8 images [N, 32, 32, 3]."""
+        """Softmax probabilities float32 [N, classes] for images uint8 [N, 32, 32, 3] or float [0, 1], or one
+        HWC image (then N = 1). Other layouts and ranges raise ``DataError`` saying the fix
+        (:func:`~jaxcifar.data.checks.checked_images`)."""
+        images = checked_images(images)
         f = jax.jit(self.fns.probabilities)
         return np.concatenate([np.asarray(f(self.variables, images[i:i + batch_size]))
                                for i in range(0, len(images), batch_size)])
+
+    def predict(self, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+        """Predicted class indices int [N] (see :meth:`probabilities` for the inputs taken)."""
+        return self.probabilities(images, batch_size).argmax(-1)
 
 
 def read_meta(directory: str | Path, step: int) -> dict[str, Any]:
