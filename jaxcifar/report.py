@@ -161,7 +161,10 @@ def plot_seed_band(histories: Sequence[dict], path: Path, key: str = "val_accura
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for v in values:
         ax.plot(epochs, v, color="gray", lw=0.8, alpha=0.5)
-    ax.fill_between(epochs, mean - std, mean + std, alpha=0.3, label="mean +- std")
+    if len(epochs) > 1:
+        ax.fill_between(epochs, mean - std, mean + std, alpha=0.3, label="mean +- std")
+    else:  # a band over one epoch has no width: an error bar shows the spread
+        ax.errorbar(epochs, mean, yerr=std, fmt="none", capsize=6, label="mean +- std")
     ax.plot(epochs, mean, "o-", lw=2, label=f"mean of {plural(len(values), 'seed')}")
     ax.set(xlabel="epoch", ylabel=key.replace("_", " "), title=title)
     _integer_epochs(ax, epochs)
