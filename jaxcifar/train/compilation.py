@@ -3,6 +3,7 @@ opt-in persistent compilation cache."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import jax
@@ -17,7 +18,8 @@ _BACKEND = "/jax/core/compile/backend_compile_duration"
 
 class CompileClock:
     """Counts compilations while entered: ``compiles`` (XLA backend compilations, including those the
-    persistent cache served) and ``seconds`` (tracing + lowering + compiling or loading)::
+    persistent cache served), ``seconds`` (tracing + lowering + compiling or loading) and ``wall`` (the
+    block's wall seconds)::
 
         with CompileClock() as clock:
             ...
@@ -27,6 +29,7 @@ class CompileClock:
     def __init__(self) -> None:
         self.compiles = 0
         self.seconds = 0.0
+        self.wall = 0.0  # wall seconds spent inside the block
 
     def _listen(self, event: str, duration: float, **_: object) -> None:
         if event in _EVENTS:
@@ -36,9 +39,11 @@ class CompileClock:
 
     def __enter__(self) -> CompileClock:
         monitoring.register_event_duration_secs_listener(self._listen)
+        self._start = time.perf_counter()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.wall += time.perf_counter() - self._start
         monitoring.unregister_event_duration_listener(self._listen)
 
 

@@ -98,8 +98,10 @@ def fit(
         group_dir = _group_dir(checkpoint_dir, members, plan.n_runs, size)
         done = [h for r in results for h in r.histories]
         hook = on_epoch_end and (lambda e, hs, done=done: on_epoch_end(e, done + hs))
-        group = _Group.start(config, data, steps, program, plan, [run_list[i] for i in members], group_dir, body)
-        results.append(train_group(group, resume, progress, hook))
+        with CompileClock() as init:
+            group = _Group.start(config, data, steps, program, plan, [run_list[i] for i in members], group_dir,
+                                 body)
+        results.append(train_group(group, resume, progress, hook, init))
     return _merged(config, run_list, plan, size, steps, results)
 
 
@@ -209,17 +211,19 @@ class _Group:
         return {k: np.asarray(v, np.float32).reshape(len(self.runs)) for k, v in out.items()}
 
 
-def train_group(g: _Group, resume: bool, progress: bool, on_epoch_end: EpochHook | None) -> FitResult:
-    """Train one group of runs: restore or start, compile, run the epochs, summarize."""
-    clock = time.perf_counter()
+def train_group(g: _Group, resume: bool, progress: bool, on_epoch_end: EpochHook | None,
+                init: CompileClock | None = None) -> FitResult:
+    """Train one group of runs: restore or start, compile, run the epochs, summarize. ``init`` timed the
+    group's initialization; it counts into the start-up figures."""
+    init = init or CompileClock()
     with CompileClock() as compiles:
         manager = ckpt.checkpoint_manager(g.checkpoint_dir, g.config.keep_checkpoints) if g.checkpoint_dir else None
         state, histories = _restored(g, manager, resume, progress)
         start_epoch = int(np.max(jax.device_get(state.epoch)))
         if start_epoch < g.config.epochs:
             g.program.precompile(state, g.data, g.train_index, g.eval_plans)
-    startup = {"startup_seconds": time.perf_counter() - clock, "compile_seconds": compiles.seconds,
-               "compilations": compiles.compiles}
+    startup = {"startup_seconds": init.wall + compiles.wall, "compile_seconds": init.seconds + compiles.seconds,
+               "compilations": init.compiles + compiles.compiles}
     with CompileClock() as later:
         for epoch in range(start_epoch + 1, g.config.epochs + 1):
             state = _epoch(g, state, epoch, histories, progress)
