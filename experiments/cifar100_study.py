@@ -51,12 +51,7 @@ def main(argv: list[str] | None = None) -> None:
               "devices": args.devices}
     chosen = variants(common, args.resnet)
     tuned = f"{args.resnet} fine-tuned from cifar10"
-    if args.only:
-        unknown = set(args.only) - set(chosen)
-        if unknown:
-            p.error(f"unknown variant(s) {sorted(unknown)}: choose from {sorted(chosen)}")
-        chosen = {k: v for k, v in chosen.items() if k in args.only}
-    chosen = {k: cli.overridden(v, args) for k, v in chosen.items()}
+    chosen = cli.selected_variants(p, chosen, args)
     bodies, skipped = {}, []
     if tuned in chosen:
         if args.pretrained:

@@ -44,12 +44,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--width must be a positive integer, got {args.width}")
     chosen = {k: v if k == "baseline" else v.replace(batch_size=args.batch_size)
               for k, v in variants(common, args.width).items()}
-    if args.only:
-        unknown = set(args.only) - set(chosen)
-        if unknown:
-            p.error(f"unknown variant(s) {sorted(unknown)}: choose from {sorted(chosen)}")
-        chosen = {k: v for k, v in chosen.items() if k in args.only}
-    chosen = {k: cli.overridden(v, args) for k, v in chosen.items()}
+    chosen = cli.selected_variants(p, chosen, args)
     results = run_study("Improved recipe and ablation", chosen, data, out, resume=not args.no_resume,
                         progress=not args.no_progress,
                         intro="Each row removes one ingredient from the full recipe; contribution = full recipe's "

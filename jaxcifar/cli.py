@@ -155,6 +155,18 @@ def overridden(config: TrainConfig, args: argparse.Namespace) -> TrainConfig:
     return result
 
 
+def selected_variants(parser: argparse.ArgumentParser, variants: dict[str, TrainConfig],
+                      args: argparse.Namespace) -> dict[str, TrainConfig]:
+    """A study's variants: those named by ``--only`` (all without it; an unknown name is a usage error), each
+    with the ``--set`` overrides applied."""
+    if args.only:
+        unknown = set(args.only) - set(variants)
+        if unknown:
+            parser.error(f"unknown variant(s) {sorted(unknown)}: choose from {sorted(variants)}")
+        variants = {k: v for k, v in variants.items() if k in args.only}
+    return {k: overridden(v, args) for k, v in variants.items()}
+
+
 def _parsed(text: str) -> Any:
     """A ``--set`` value: JSON when it parses (numbers, booleans, null, lists, objects), else the string."""
     try:
