@@ -7,9 +7,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jaxcifar.data.sources import IMAGE_SHAPE
 from jaxcifar.errors import DataError
-
-IMAGE_SHAPE = (32, 32, 3)
 
 
 def checked_images(images: np.ndarray | Sequence, what: str = "images") -> np.ndarray:

@@ -20,6 +20,7 @@ of interpreting the config again.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import jax
@@ -137,7 +138,7 @@ def make_plan(config: TrainConfig, n_runs: int, run_axis: bool, train_size: int,
                    group_size=size, parallel=parallel, mesh=mesh, backend=backend)
 
 
-def halving_group_size(n_runs: int, fits: callable) -> int:
+def halving_group_size(n_runs: int, fits: Callable[[int], bool]) -> int:
     """The largest group size, halving from ``n_runs``, for which ``fits(size)`` is true (at least 1)."""
     size = n_runs
     while size > 1 and not fits(size):
