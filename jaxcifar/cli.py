@@ -55,6 +55,9 @@ def common_parser(description: str, *, epochs: int, batch_size: int, out: str, q
                    help="data-parallel over the first N devices (default: all); the batch must divide by N")
     p.add_argument("--distributed", action="store_true",
                    help="multi-host: call jax.distributed.initialize() first (see docs/scaling.md)")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import a Python module first (repeatable), e.g. one that registers models and "
+                        "augmentations with register_model / register_augmentation for --set model=NAME")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any TrainConfig field, e.g. --set learning_rate=0.01 --set "
                         "model_kwargs.dense='[256]' (VALUE is JSON, else a string; repeatable)")
@@ -90,6 +93,8 @@ def data_line(data: Dataset, val_size: int | float) -> str:
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """Parse ``argv`` and fill the defaults that depend on ``--quick`` (epochs, batch and validation size)."""
     args = parser.parse_args(argv)
+    for module in getattr(args, "imports", []):
+        _import(module)
     if getattr(args, "deterministic", False):
         from jaxcifar._xla import deterministic_gpu
 
@@ -115,6 +120,18 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
     elif args.val_size >= 1 or args.val_size == 0:
         args.val_size = int(args.val_size)
     return args
+
+
+def _import(module: str) -> None:
+    """Import ``module`` (from the current directory too) for its registrations; a clear error if it fails."""
+    import importlib
+
+    sys.path.insert(0, os.getcwd())
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        raise ConfigError(f"--import {module}: {e}: give an importable module name (a file mymodels.py in the "
+                          "current directory is `--import mymodels`)") from e
 
 
 def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:

@@ -253,6 +253,20 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet56": resnet56,
     "speedrun": SpeedrunNet,
 }
+BUILTIN_MODELS = {**MODELS}  # the ones shipped here (checked by the tests); others are checked when built
+
+
+def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator: make a model class (or a factory function) usable by name in ``TrainConfig.model``, from the
+    command line (``--set model=NAME``) and in checkpoints (``load_trained`` rebuilds it by name in a process
+    that registered it). It is called as ``factory(num_classes=..., dtype=..., **config.model_kwargs)`` and
+    must return a module following the protocol of :mod:`jaxcifar.train.components`. Registering a name
+    again replaces it (and compiled programs of the old one are not reused)."""
+    def register(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        MODELS[name] = factory
+        return factory
+
+    return register
 
 
 def create_model(name: str, num_classes: int, dtype: Any = jnp.float32, **kwargs) -> nn.Module:

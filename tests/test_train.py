@@ -214,7 +214,8 @@ def test_run_groups_checkpoint_and_resume_exactly(tiny, tmp_path):
     runs = [{"seed": s} for s in range(3)]
     ck = tmp_path / "ck"
     fit(cfg.replace(epochs=1), tiny, runs=runs, checkpoint_dir=str(ck), progress=False)
-    assert sorted(p.name for p in ck.iterdir()) == ["runs_0000-0001", "runs_0002-0002"]
+    assert sorted(p.name for p in ck.iterdir() if p.is_dir()) == ["runs_0000-0001", "runs_0002-0002"]
+    assert (ck / "metrics.jsonl").is_file()
     resumed = fit(cfg, tiny, runs=runs, checkpoint_dir=str(ck), progress=False)
     whole = fit(cfg.replace(runs_per_chunk=None), tiny, runs=runs, progress=False)
     assert resumed.meta["runs_per_chunk"] == 2 and whole.meta["runs_per_chunk"] == 3

@@ -2,15 +2,19 @@
 
 from jaxcifar.data.augment import (
     AUGMENTATIONS,
+    augment_names,
     color_jitter,
     cutout,
     make_augment,
+    make_pipeline,
     random_crop,
     random_flip,
     random_rotation,
     random_translate,
+    register_augmentation,
 )
 from jaxcifar.data.batching import epoch_batches, eval_batches, steps_per_epoch
+from jaxcifar.data.mix import MIXES, cutmix, mixup
 from jaxcifar.data.sources import CIFAR10_CLASSES, Dataset, Split, load_cifar
 from jaxcifar.data.split import class_counts, split_indices, train_val_split, validation_count
 from jaxcifar.data.stats import (
@@ -24,7 +28,8 @@ from jaxcifar.data.stats import (
 )
 
 __all__ = [
-    "AUGMENTATIONS", "CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD",
+    "AUGMENTATIONS", "MIXES", "augment_names", "cutmix", "make_pipeline", "mixup", "register_augmentation",
+    "CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD",
     "Dataset", "Split", "channel_stats", "check_normalized", "class_counts", "color_jitter", "cutout",
     "epoch_batches", "eval_batches", "load_cifar", "make_augment", "normalize", "random_crop", "random_flip",
     "random_rotation", "random_translate", "split_indices", "steps_per_epoch", "train_val_split",

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.ndimage import map_coordinates
 
+from jaxcifar.data.mix import MIXES, MixFn
 from jaxcifar.errors import ConfigError
 
 AugmentFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -137,26 +138,83 @@ AUGMENTATIONS: dict[str, Callable[..., jax.Array]] = {
     "cutout": cutout,
 }
 
-AugmentSpec = Sequence[str | tuple[str, dict[str, Any]]]
+# One entry of a spec: a name, (name, kwargs), or an image op ``(key, images) -> images`` itself.
+AugmentItem = str | tuple[str, dict[str, Any]] | AugmentFn
+AugmentSpec = Sequence[AugmentItem]
 
 
-def make_augment(spec: AugmentSpec) -> AugmentFn:
-    """Compose ops into one ``(key, images) -> images`` pipeline.
-
-    ``spec`` lists op names (defaults) or ``(name, kwargs)`` pairs, applied in order, e.g.
-    ``["flip", ("crop", {"padding": 4, "mode": "reflect"}), ("rotate", {"max_degrees": 10})]``.
-    Names: ``flip crop translate rotate color cutout``. An empty spec is the identity.
+def register_augmentation(name: str, *, mixes_labels: bool = False) -> Callable[[Callable], Callable]:
+    """Decorator: make ``fn`` usable by name in ``TrainConfig.augment`` (and so from the command line and in
+    checkpoints). An image op is ``fn(key, images, **kwargs) -> images`` (uint8 NHWC, shape and dtype kept);
+    with ``mixes_labels`` it is ``fn(key, images, targets, **kwargs) -> (images, targets)`` on the normalized
+    float batch and soft targets (like :func:`~jaxcifar.data.mix.mixup`). Registering a name again replaces it.
     """
-    ops = []
+    def register(fn: Callable) -> Callable:
+        AUGMENTATIONS.pop(name, None)
+        MIXES.pop(name, None)
+        (MIXES if mixes_labels else AUGMENTATIONS)[name] = fn
+        return fn
+
+    return register
+
+
+def augment_names() -> list[str]:
+    """Every registered augmentation name, image ops and label-mixing ones."""
+    return sorted({*AUGMENTATIONS, *MIXES})
+
+
+def _parse(item: AugmentItem) -> tuple[str | None, Callable, dict[str, Any]]:
+    """``(name or None for a callable, function, kwargs)`` of one spec entry."""
+    if callable(item):
+        return None, item, {}
+    name, kwargs = (item, {}) if isinstance(item, str) else (item[0], dict(item[1]))
+    if name in MIXES:
+        return name, MIXES[name], kwargs
+    if name not in AUGMENTATIONS:
+        raise ConfigError(f"unknown augmentation {name!r}: use one of {augment_names()}, or pass a function "
+                          f"(key, images) -> images")
+    return name, AUGMENTATIONS[name], kwargs
+
+
+def make_pipeline(spec: AugmentSpec) -> tuple[AugmentFn, MixFn | None]:
+    """``(image_ops, mix)`` for ``spec``: the image ops composed into one ``(key, images) -> images`` (run on
+    the uint8 batch), and the label-mixing ops (``mixup``, ``cutmix``; they must come last) composed into one
+    ``(key, images, targets) -> (images, targets)`` run on the normalized batch, or None when there are none.
+    """
+    image_ops, mix_ops = [], []
     for item in spec:
-        name, kwargs = (item, {}) if isinstance(item, str) else (item[0], dict(item[1]))
-        if name not in AUGMENTATIONS:
-            raise ConfigError(f"unknown augmentation {name!r}: use one of {sorted(AUGMENTATIONS)}")
-        ops.append((AUGMENTATIONS[name], kwargs))
+        name, fn, kwargs = _parse(item)
+        if name in MIXES:
+            mix_ops.append((fn, kwargs))
+        elif mix_ops:
+            raise ConfigError(f"augmentation {name or fn!r} comes after a label-mixing one ({sorted(MIXES)}): put "
+                              "mixup/cutmix last, they mix the normalized batch")
+        else:
+            image_ops.append((fn, kwargs))
 
     def augment(key: jax.Array, images: jax.Array) -> jax.Array:
-        for i, (fn, kwargs) in enumerate(ops):
+        for i, (fn, kwargs) in enumerate(image_ops):
             images = fn(jax.random.fold_in(key, i), images, **kwargs)
         return images
 
+    def mix(key: jax.Array, images: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+        for i, (fn, kwargs) in enumerate(mix_ops):
+            images, targets = fn(jax.random.fold_in(key, len(image_ops) + i), images, targets, **kwargs)
+        return images, targets
+
+    return augment, (mix if mix_ops else None)
+
+
+def make_augment(spec: AugmentSpec) -> AugmentFn:
+    """Compose image ops into one ``(key, images) -> images`` pipeline.
+
+    ``spec`` lists op names (defaults), ``(name, kwargs)`` pairs or functions ``(key, images) -> images``,
+    applied in order, e.g. ``["flip", ("crop", {"padding": 4, "mode": "reflect"}), my_op]``.
+    Names: ``flip crop translate rotate color cutout`` and any registered with :func:`register_augmentation`.
+    An empty spec is the identity. Label-mixing ops (``mixup``, ``cutmix``) need the labels: see
+    :func:`make_pipeline`.
+    """
+    augment, mix = make_pipeline(spec)
+    if mix is not None:
+        raise ConfigError(f"{sorted(MIXES)} mix labels too: use make_pipeline(spec), which returns them apart")
     return augment

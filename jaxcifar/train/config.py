@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from jaxcifar.data.augment import AUGMENTATIONS
+from jaxcifar.data.augment import augment_names
 from jaxcifar.errors import ConfigError
 from jaxcifar.models import ACTIVATIONS, MODELS
 
@@ -62,9 +62,10 @@ class TrainConfig:
     stratified_split: bool = False
     split_seed: int | None = None  # seed of the train/validation split; None = `seed`
     split_per_run: bool = False  # with fit(runs=...): each run splits off its own validation set (by its seed)
-    augment: tuple = ()  # see jaxcifar.data.make_augment
+    augment: tuple = ()  # names, (name, kwargs) or functions (key, images) -> images; see jaxcifar.data.make_pipeline
     normalize: bool = True  # standardize inputs by the training split's channel mean/std; False = raw [0, 1]
     tta: int = 0  # test-time augmentation in evaluation: 0 none, 1 mirror, 2 mirror and 1-pixel shifts
+    ema_decay: float | None = None  # keep a moving average of the weights (e.g. 0.999), evaluated beside them
     # loop
     epochs: int = 20
     log_every: int = 200  # steps between training-metric log points
@@ -90,7 +91,19 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a dict (functions in ``augment`` stay functions: see :meth:`to_json_dict`)."""
         return dataclasses.asdict(self)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` with every function in ``augment`` replaced by its label ``'<function module.name>'``,
+        for results and checkpoints."""
+        d = self.to_dict()
+        d["augment"] = tuple(_callable_label(a) if callable(a) else a for a in self.augment)
+        return d
+
+    def callables(self) -> tuple:
+        """The functions in ``augment`` (the compiled programs depend on them by identity)."""
+        return tuple(a for a in self.augment if callable(a))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -99,6 +112,10 @@ class TrainConfig:
             if k in d:
                 d[k] = tuple(tuple(x) if isinstance(x, list) else x for x in d[k])
         return cls(**d)
+
+
+def _callable_label(fn: Any) -> str:
+    return f"<function {getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}>"
 
 
 def _check(ok: bool, message: str) -> None:
@@ -146,12 +163,25 @@ def validate_config(c: TrainConfig, train_size: int | None = None) -> None:
     _check(c.lr_start_factor >= 0 and c.lr_end_factor >= 0, "lr_start_factor and lr_end_factor must be >= 0")
     for rule in c.param_rules:
         _check_rule(rule)
+    _check(c.ema_decay is None or 0.0 < c.ema_decay < 1.0, f"ema_decay {c.ema_decay} must be in (0, 1) or None: "
+           "e.g. 0.999")
     for item in c.augment:
-        name = item if isinstance(item, str) else item[0]
-        _check(name in AUGMENTATIONS, f"unknown augmentation {name!r}: use one of {sorted(AUGMENTATIONS)}")
+        _check_augment_item(item)
     if train_size is not None:
         _check(c.batch_size <= train_size,
                f"batch size {c.batch_size} is larger than the training split ({train_size}): lower --batch-size")
+
+
+def _check_augment_item(item: Any) -> None:
+    if callable(item):
+        return
+    if isinstance(item, str) and item.startswith("<function "):
+        raise ConfigError(f"augmentation {item} is a function recorded by name: pass the function itself")
+    ok = isinstance(item, str) or (isinstance(item, tuple | list) and len(item) == 2 and isinstance(item[1], dict))
+    _check(ok, f"augmentation {item!r} must be a name, (name, {{kwargs}}) or a function (key, images) -> images")
+    name = item if isinstance(item, str) else item[0]
+    _check(name in augment_names(), f"unknown augmentation {name!r}: use one of {augment_names()}, or pass a "
+           "function (key, images) -> images")
 
 
 def _check_rule(rule: Any) -> None:

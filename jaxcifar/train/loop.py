@@ -16,28 +16,34 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
+import optax
 from tqdm.auto import tqdm
 
 from jaxcifar.data import Dataset
 from jaxcifar.errors import ConfigError, TrainingError
 from jaxcifar.train import checkpoint as ckpt
+from jaxcifar.train.callbacks import Callback, CallbackList, EpochHook, Event, JsonlWriter, Start, TensorBoardWriter
+from jaxcifar.train.checkpoint import check_resumable
 from jaxcifar.train.compilation import CompileClock
+from jaxcifar.train.components import Components, LossFn, MetricsFn, TxFactory, check_components
 from jaxcifar.train.config import TrainConfig, validate_config
-from jaxcifar.train.parallel import replicate, shard_runs
+from jaxcifar.train.group import Group
+from jaxcifar.train.history import append_epoch, interval_means, interval_points, last_epoch, new_history, summary
+from jaxcifar.train.parallel import replicate
 from jaxcifar.train.plan import RunPlan, halving_group_size, make_plan
-from jaxcifar.train.program import PROGRAMS, EpochProgram, EvalPlan, build_program, eval_plans, program_key
+from jaxcifar.train.program import PROGRAMS, EpochProgram, build_program, program_key
 from jaxcifar.train.runs import concat_runs, memory_budget
-from jaxcifar.train.setup import PreparedData, build, init_state, prepare_data, run_splits, with_body
+from jaxcifar.train.setup import PreparedData, build, init_state, prepare_data
 from jaxcifar.train.state import TrainState, stack_states
 from jaxcifar.train.steps import StepFns
-from jaxcifar.versions import environment
 
 __all__ = ["RUN_KEYS", "FitResult", "fit"]
 
 RUN_KEYS = ("seed", "dropout_rate", "learning_rate", "weight_decay")
-EpochHook = Callable[[int, list[dict[str, Any]]], None]
+EpochHookFn = Callable[[int, list[dict[str, Any]]], None]
 
 
 @dataclass
@@ -71,43 +77,76 @@ def fit(
     checkpoint_dir: str | None = None,
     resume: bool = True,
     progress: bool = True,
-    on_epoch_end: EpochHook | None = None,
+    on_epoch_end: EpochHookFn | None = None,
     body: dict[str, Any] | None = None,
+    model: nn.Module | None = None,
+    tx: optax.GradientTransformation | TxFactory | None = None,
+    loss_fn: LossFn | None = None,
+    metrics_fn: MetricsFn | None = None,
+    callbacks: Sequence[Any] = (),
+    log_dir: str | None = None,
+    tensorboard: bool = False,
 ) -> FitResult:
     """Train ``config`` on ``dataset``; with ``runs`` (a list of per-run overrides, see :data:`RUN_KEYS`)
     train them all at once in one compiled program (``config.run_strategy``), ``config.runs_per_chunk`` runs
     at a time (default: as many as fit in memory).
 
+    Your own pieces replace the config's named ones: ``model`` (a Flax module), ``tx`` (an optax
+    transformation or a factory ``(config, steps_per_epoch) -> tx``), ``loss_fn(logits, labels)`` (per-example)
+    and ``metrics_fn(logits, labels)`` (extra per-example metrics, kept in the histories); the protocol is in
+    :mod:`jaxcifar.train.components`.
+
     Checkpoints into ``checkpoint_dir`` every ``config.checkpoint_every`` epochs and after the last (one
     sub-directory per group of runs when there are several groups) and resumes from the latest checkpoint
-    when ``resume``. ``on_epoch_end(epoch, histories)`` is called after every epoch (after its checkpoint, if
-    it has one, is saved). ``body`` (trained ``{"params", "batch_stats"}``, e.g.
-    ``load_trained(dir).variables``) fine-tunes: every module but the classifier ``head`` starts from it.
+    when ``resume``. ``callbacks`` (see :mod:`jaxcifar.train.callbacks`) are called every ``log_every`` steps and
+    every epoch; ``metrics.jsonl`` (and with ``tensorboard`` TensorBoard event files, one directory per run) is
+    written into ``log_dir`` (default ``checkpoint_dir``). ``on_epoch_end(epoch, histories)`` is called after
+    every epoch (after its checkpoint, if it has one, is saved). ``body`` (trained ``{"params",
+    "batch_stats"}``, e.g. ``load_trained(dir).variables``) fine-tunes: every module but the classifier
+    ``head`` starts from it.
     """
-    run_list = _checked_runs(config, runs)
+    components = Components(model, tx, loss_fn, metrics_fn)
+    run_list = _checked_runs(config, runs, components)
     data = _prepared(dataset, config, per_run_split=runs is not None and config.split_per_run)
     validate_config(config, train_size=data.train_size)
     plan = make_plan(config, len(run_list), runs is not None, data.train_size)
     data = _placed(data, plan)
-    key = program_key(config, data, plan)
-    steps = PROGRAMS.get(("steps", key), lambda: build(config, data, plan.data_mesh))
+    key = program_key(config, data, plan, components)
+    steps = PROGRAMS.get(("steps", key), lambda: build(config, data, plan.data_mesh, components))
     size = plan.group_size or _group_size_that_fits(config, data, steps, plan, key, run_list)
+    writers = [*callbacks, *_writers(log_dir or checkpoint_dir, tensorboard)]
     results: list[FitResult] = []
     for members in plan.groups(size):
         program = _program(config, data, steps, plan, key, len(members))
         group_dir = _group_dir(checkpoint_dir, members, plan.n_runs, size)
         done = [h for r in results for h in r.histories]
-        hook = on_epoch_end and (lambda e, hs, done=done: on_epoch_end(e, done + hs))
+        hooks = CallbackList(writers + ([EpochHook(on_epoch_end, done)] if on_epoch_end else []))
         with CompileClock() as init:
-            group = _Group.start(config, data, steps, program, plan, [run_list[i] for i in members], group_dir,
-                                 body)
-        results.append(train_group(group, resume, progress, hook, init))
+            group = Group.start(config, data, steps, program, plan, list(members), run_list, group_dir, body,
+                                 components)
+        results.append(train_group(group, resume, progress, hooks, init))
     return _merged(config, run_list, plan, size, steps, results)
 
 
-def _checked_runs(config: TrainConfig, runs: Sequence[dict[str, Any]] | None) -> list[dict[str, Any]]:
-    """The runs as plain dicts (``[{}]`` for a single run), each validated with the config."""
+def _writers(directory: str | None, tensorboard: bool) -> list[Callback]:
+    """``metrics.jsonl`` in ``directory`` (when there is one), and TensorBoard files under
+    ``directory/tensorboard``."""
+    if directory is None:
+        if tensorboard:
+            raise ConfigError("tensorboard=True needs a directory to write to: pass log_dir (or checkpoint_dir)")
+        return []
+    writers: list[Callback] = [JsonlWriter(f"{directory}/metrics.jsonl")]
+    if tensorboard:
+        writers.append(TensorBoardWriter(f"{directory}/tensorboard"))
+    return writers
+
+
+def _checked_runs(config: TrainConfig, runs: Sequence[dict[str, Any]] | None,
+                  components: Components) -> list[dict[str, Any]]:
+    """The runs as plain dicts (``[{}]`` for a single run), each validated with the config, and the user's
+    pieces checked against them."""
     validate_config(config)
+    check_components(components, config, dropout_varies=any("dropout_rate" in r for r in runs or []))
     if runs is None:
         return [{}]
     if not runs:
@@ -159,63 +198,12 @@ def _group_dir(checkpoint_dir: str | None, members: range, n_runs: int, size: in
     return f"{checkpoint_dir}/runs_{members[0]:04d}-{members[-1]:04d}"
 
 
-@dataclass(frozen=True)
-class _Group:
-    """What stays fixed while a group of runs trains: its program, data, evaluation batches, checkpoints."""
-
-    config: TrainConfig
-    data: PreparedData
-    program: EpochProgram
-    runs: list[dict[str, Any]]
-    initial: TrainState  # fresh (or fine-tuning) state, placed on the devices
-    train_index: jax.Array | None  # per-run training indices when each run has its own split
-    eval_plans: dict[str, EvalPlan]
-    checkpoint_dir: str | None
-    meta: dict[str, Any]
-
-    @property
-    def has_val(self) -> bool:
-        """Whether there is a validation split; without one the best epoch is picked on training metrics."""
-        return self.data.val is not None
-
-    @classmethod
-    def start(cls, config: TrainConfig, data: PreparedData, steps: StepFns, program: EpochProgram,
-              plan: RunPlan, runs: list[dict[str, Any]], checkpoint_dir: str | None,
-              body: dict[str, Any] | None) -> _Group:
-        """Initialize the group's runs (placed on the plan's devices) and their splits."""
-        states = [init_state(config, steps, r, data.train[0]) for r in runs]
-        if body is not None:
-            states = [with_body(s, body) for s in states]
-        state = stack_states(states) if plan.run_axis else states[0]
-        if plan.data_mesh is not None:
-            state = replicate(state, plan.data_mesh)
-        elif plan.run_mesh is not None:
-            state = shard_runs(state, plan.run_mesh)
-        plans = eval_plans(data, config.eval_batch_size)
-        splits = run_splits(data, [int(r.get("seed", config.seed)) for r in runs])
-        train_index = None
-        if splits is not None:  # per-run validation sets: evaluation indices go through each run's own index
-            train_index, val_index = (x if plan.run_axis else x[0] for x in splits)
-            plans["val"] = (val_index[..., plans["val"][0]], plans["val"][1])
-        meta = {"config": config.to_dict(), "runs": runs, "fine_tuned": body is not None, "loop": plan.loop,
-                "chunk": program.bounds[0][1], "run_axis": plan.run_axis, "run_strategy": plan.strategy,
-                "normalization": {"mean": data.mean, "std": data.std}, "num_classes": data.num_classes,
-                "train_size": data.train_size, "split_per_run": bool(data.per_run_val),
-                "environment": environment()}
-        return cls(config, data, program, runs, state, train_index, plans, checkpoint_dir, meta)
-
-    def evaluate(self, fn: Callable, state: TrainState, split: str) -> dict[str, np.ndarray]:
-        """``fn`` (one of the program's evaluators) over ``split`` (``"val"`` or ``"test"``), per run."""
-        images, labels = self.data.val if split == "val" else self.data.test
-        out = jax.device_get(fn(state, images, labels, *self.eval_plans[split]))
-        return {k: np.asarray(v, np.float32).reshape(len(self.runs)) for k, v in out.items()}
-
-
-def train_group(g: _Group, resume: bool, progress: bool, on_epoch_end: EpochHook | None,
+def train_group(g: Group, resume: bool, progress: bool, callbacks: CallbackList | None = None,
                 init: CompileClock | None = None) -> FitResult:
     """Train one group of runs: restore or start, compile, run the epochs, summarize. ``init`` timed the
     group's initialization; it counts into the start-up figures."""
     init = init or CompileClock()
+    callbacks = callbacks or CallbackList([])
     with CompileClock() as compiles:
         manager = ckpt.checkpoint_manager(g.checkpoint_dir, g.config.keep_checkpoints) if g.checkpoint_dir else None
         state, histories = _restored(g, manager, resume, progress)
@@ -224,38 +212,42 @@ def train_group(g: _Group, resume: bool, progress: bool, on_epoch_end: EpochHook
             g.program.precompile(state, g.data, g.train_index, g.eval_plans)
     startup = {"startup_seconds": init.wall + compiles.wall, "compile_seconds": init.seconds + compiles.seconds,
                "compilations": init.compiles + compiles.compiles}
+    start = Start(g.run_ids, start_epoch, start_epoch * g.steps_per_epoch)
+    callbacks.on_start(start)
     with CompileClock() as later:
         for epoch in range(start_epoch + 1, g.config.epochs + 1):
-            state = _epoch(g, state, epoch, histories, progress)
+            state = _epoch(g, state, epoch, histories, progress, callbacks)
             stop = _should_stop(g.config, state, epoch)
             if manager is not None and (stop or _saves(g.config, epoch)):
                 ckpt.save(manager, epoch, state, {**g.meta, "histories": histories},
                           _selection_metrics(g, histories))
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, histories)
+            callbacks.on_epoch(Event("epoch", epoch, epoch * g.steps_per_epoch, g.run_ids,
+                                     [last_epoch(h) for h in histories], state, histories))
             if stop:
                 break
         summaries = _summaries(g, state, histories)
+    callbacks.on_end(start)
     meta = {**g.meta, **startup, "epoch_compilations": later.compiles}
     return FitResult(g.config, g.runs, histories, summaries, state, None, g.meta["run_axis"], meta)
 
 
-def _restored(g: _Group, manager: Any, resume: bool, progress: bool) -> tuple[TrainState, list[dict[str, Any]]]:
+def _restored(g: Group, manager: Any, resume: bool, progress: bool) -> tuple[TrainState, list[dict[str, Any]]]:
     """The latest checkpoint's state and histories (when resuming and there is one), else a fresh start."""
     if manager is None or not resume or manager.latest_step() is None:
-        return g.initial, [_new_history() for _ in g.runs]
+        return g.initial, [new_history() for _ in g.runs]
     state, saved = ckpt.restore(g.checkpoint_dir, g.initial, "latest")
-    _check_resumable(saved, g.meta, g.checkpoint_dir)
+    check_resumable(saved, g.meta, g.checkpoint_dir)
     if progress:
         tqdm.write(f"resuming after epoch {int(np.max(jax.device_get(state.epoch)))} from {g.checkpoint_dir} "
                    "(--no-resume starts over)")
     return state, saved["histories"]
 
 
-def _epoch(g: _Group, state: TrainState, epoch: int, histories: list[dict[str, Any]], progress: bool) -> TrainState:
+def _epoch(g: Group, state: TrainState, epoch: int, histories: list[dict[str, Any]], progress: bool,
+           callbacks: CallbackList) -> TrainState:
     """Train one epoch, evaluate, close it (best weights, plateau) and append it to every run's history."""
     t0 = time.perf_counter()
-    state, train_m = _train_epoch(g, state, epoch, progress)
+    state, train_m = _train_epoch(g, state, epoch, progress, callbacks, histories)
     if g.has_val:
         val = g.evaluate(g.program.evaluate_val, state, "val")
     else:  # the selection metric falls back to the epoch's training figures
@@ -264,30 +256,39 @@ def _epoch(g: _Group, state: TrainState, epoch: int, histories: list[dict[str, A
         where = f"; last good checkpoint kept in {g.checkpoint_dir}" if g.checkpoint_dir else ""
         raise TrainingError(f"loss became NaN/inf in epoch {epoch}: lower the learning rate or set "
                             f"grad_clip_norm{where}")
+    ema_val = g.evaluate(g.program.evaluate_ema_val, state, "val") if g.has_val and g.has_ema else None
     state = g.program.end_epoch(state, _per_run(g, val["loss"]), _per_run(g, val["accuracy"]))
     lrs = np.asarray(jax.device_get(g.program.current_lr(state))).reshape(len(g.runs))
     seconds = time.perf_counter() - t0
     for r, h in enumerate(histories):
-        _append_epoch(h, epoch, g.program.bounds[-1][1], g.config.log_every, train_m, r,
-                      val["loss"][r] if g.has_val else None, val["accuracy"][r] if g.has_val else None, lrs[r],
-                      seconds)
+        append_epoch(h, epoch, g.config.log_every, {k: v[r] for k, v in train_m.items()},
+                     _run_figures(val, r) if g.has_val else None, ema_val and _run_figures(ema_val, r), lrs[r],
+                     seconds)
     if progress:
         _print_epoch(g, epoch, train_m, val, seconds)
     return state
 
 
-def _per_run(g: _Group, values: np.ndarray) -> jax.Array:
+def _run_figures(figures: dict[str, np.ndarray], r: int) -> dict[str, float]:
+    """Run ``r``'s entry of per-run figures."""
+    return {k: float(v[r]) for k, v in figures.items()}
+
+
+def _per_run(g: Group, values: np.ndarray) -> jax.Array:
     """Per-run figures as the state's run axis takes them (a scalar without one); ``device_put`` rather than
     ``jnp.asarray``, which compiles a copy program."""
     return jax.device_put(np.asarray(values if g.meta["run_axis"] else values[0], np.float32))
 
 
-def _train_epoch(g: _Group, state: TrainState, epoch: int, progress: bool) -> tuple[TrainState, dict[str, Any]]:
-    """Run the epoch's chunks; return the state and the per-step training metrics [runs, steps]."""
-    spe = g.program.bounds[-1][1]
+def _train_epoch(g: Group, state: TrainState, epoch: int, progress: bool, callbacks: CallbackList,
+                 histories: list[dict[str, Any]]) -> tuple[TrainState, dict[str, Any]]:
+    """Run the epoch's chunks; return the state and the per-step training metrics [runs, steps]. Metrics come
+    back to the host once per logging interval (for the progress bar and the interval callbacks)."""
+    spe = g.steps_per_epoch
     chunks = g.program.order(state.rng, epoch, g.train_index)
     bar = tqdm(total=spe, desc=f"epoch {epoch}/{g.config.epochs}", unit="step", disable=not progress, leave=False)
-    metrics, finished, next_log = [], None, g.config.log_every
+    points = list(interval_points(spe, g.config.log_every))
+    metrics, finished, logged = [], None, 0
     for (_, end), index in zip(g.program.bounds, chunks, strict=True):
         state, m = g.program.run_chunk(state, *g.data.train, index)
         metrics.append(m)
@@ -295,17 +296,35 @@ def _train_epoch(g: _Group, state: TrainState, epoch: int, progress: bool) -> tu
             jax.block_until_ready(finished[1])
             bar.update(finished[0] - bar.n)
         finished = (end, m["loss"])
-        if progress and (end >= next_log or end == spe):  # metrics come back once per logging interval
+        crossed = [p for p in points[logged:] if p <= end]
+        if progress and (crossed or end == spe):
             last = jax.device_get(m)
             bar.update(end - bar.n)
             bar.set_postfix(loss=f"{np.mean(last['loss']):.3f}", acc=f"{np.mean(last['accuracy']):.3f}")
-            next_log += g.config.log_every
+        if crossed and callbacks.wants_intervals:
+            _report_intervals(g, callbacks, epoch, _per_step(g, metrics), crossed, state, histories)
+        logged += len(crossed)
     bar.close()
+    return state, _per_step(g, metrics)
+
+
+def _per_step(g: Group, metrics: list[dict[str, jax.Array]]) -> dict[str, np.ndarray]:
+    """The chunks' metrics joined on the host: every metric float [runs, steps so far]."""
     joined = jax.tree.map(lambda *xs: np.concatenate(xs, axis=-1), *jax.device_get(metrics))
-    return state, {k: v.reshape(len(g.runs), spe) for k, v in joined.items()}
+    return {k: np.asarray(v).reshape(len(g.runs), -1) for k, v in joined.items()}
 
 
-def _print_epoch(g: _Group, epoch: int, train_m: dict[str, Any], val: dict[str, Any], seconds: float) -> None:
+def _report_intervals(g: Group, callbacks: CallbackList, epoch: int, per_step: dict[str, np.ndarray],
+                      points: list[int], state: TrainState, histories: list[dict[str, Any]]) -> None:
+    """One interval event per logging point in ``points`` (steps since the epoch's start)."""
+    for point in points:
+        figures = [interval_means({k: v[r] for k, v in per_step.items()}, point, g.config.log_every)
+                   for r in range(len(g.runs))]
+        step = (epoch - 1) * g.steps_per_epoch + point
+        callbacks.on_interval(Event("interval", epoch, step, g.run_ids, figures, state, histories))
+
+
+def _print_epoch(g: Group, epoch: int, train_m: dict[str, Any], val: dict[str, Any], seconds: float) -> None:
     line = (f"epoch {epoch}/{g.config.epochs}: train loss {train_m['loss'].mean():.4f} "
             f"acc {train_m['accuracy'].mean():.4f} | ")
     if g.has_val:
@@ -318,7 +337,7 @@ def _saves(config: TrainConfig, epoch: int) -> bool:
     return epoch % config.checkpoint_every == 0 or epoch == config.epochs
 
 
-def _selection_metrics(g: _Group, histories: list[dict[str, Any]]) -> dict[str, float]:
+def _selection_metrics(g: Group, histories: list[dict[str, Any]]) -> dict[str, float]:
     """The checkpoint's selection metric, named for what it is: the mean over runs of the last epoch's
     ``val_accuracy``, or ``train_accuracy`` without a validation split."""
     key = "val_accuracy" if g.has_val else "train_accuracy"
@@ -333,8 +352,9 @@ def _should_stop(config: TrainConfig, state: TrainState, epoch: int) -> bool:
     return bool(np.all(epoch - best_epochs >= config.early_stopping_patience))
 
 
-def _summaries(g: _Group, state: TrainState, histories: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per run: the best epoch and its selection accuracy, test figures of the best and the last weights."""
+def _summaries(g: Group, state: TrainState, histories: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per run: the best epoch and its selection accuracy, test figures of the best, the last and the averaged
+    weights."""
     n = len(g.runs)
     best_acc = np.asarray(jax.device_get(state.best_val_accuracy)).reshape(n)
     best_ep = np.asarray(jax.device_get(state.best_epoch)).reshape(n)
@@ -342,12 +362,10 @@ def _summaries(g: _Group, state: TrainState, histories: list[dict[str, Any]]) ->
     test_final = g.evaluate(g.program.evaluate, state, "test")
     same = np.array_equal(best_ep, last_ep)  # the best weights are the last ones: no second evaluation
     test_best = test_final if same else g.evaluate(g.program.evaluate_best, state, "test")
-    return [{
-        "best_val_accuracy": float(best_acc[r]), "best_epoch": int(best_ep[r]),
-        "selected_on": "validation" if g.has_val else "training",  # training: best_val_accuracy is training's
-        "test_accuracy": float(test_best["accuracy"][r]), "test_loss": float(test_best["loss"][r]),
-        "final_test_accuracy": float(test_final["accuracy"][r]), "epochs_run": len(histories[r]["epoch"]),
-    } for r in range(n)]
+    test_ema = g.evaluate(g.program.evaluate_ema, state, "test") if g.has_ema else None
+    return [summary(float(best_acc[r]), int(best_ep[r]), g.has_val, _run_figures(test_best, r),
+                    _run_figures(test_final, r), test_ema and _run_figures(test_ema, r), len(histories[r]["epoch"]))
+            for r in range(n)]
 
 
 def _merged(config: TrainConfig, runs: list[dict[str, Any]], plan: RunPlan, size: int, steps: StepFns,
@@ -364,43 +382,3 @@ def _merged(config: TrainConfig, runs: list[dict[str, Any]], plan: RunPlan, size
     summaries = [s for r in results for s in r.summaries]
     state = concat_runs([r.state for r in results])
     return FitResult(config, runs, histories, summaries, state, steps, plan.run_axis, meta)
-
-
-def _new_history() -> dict[str, Any]:
-    keys = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds")
-    return {**{k: [] for k in keys}, "interval": {"step": [], "loss": [], "accuracy": []}}
-
-
-def _append_epoch(h, epoch, spe, log_every, train_m, r, val_loss, val_acc, lr, seconds) -> None:
-    """Append run ``r``'s epoch to its history ``h`` (validation entries None without a validation split)."""
-    loss, acc = train_m["loss"][r], train_m["accuracy"][r]
-    h["epoch"].append(epoch)
-    h["train_loss"].append(float(loss.mean()))
-    h["train_accuracy"].append(float(acc.mean()))
-    h["val_loss"].append(None if val_loss is None else float(val_loss))
-    h["val_accuracy"].append(None if val_acc is None else float(val_acc))
-    h["lr"].append(float(lr))
-    h["epoch_seconds"].append(seconds)
-    for end in range(log_every, spe + 1, log_every):
-        h["interval"]["step"].append((epoch - 1) * spe + end)
-        h["interval"]["loss"].append(float(loss[end - log_every:end].mean()))
-        h["interval"]["accuracy"].append(float(acc[end - log_every:end].mean()))
-
-
-_NOT_CHECKED_ON_RESUME = {"epochs", "early_stopping_patience", "keep_checkpoints", "checkpoint_every", "log_every",
-                          "run_strategy", "runs_per_chunk", "devices"}
-
-
-def _check_resumable(saved: dict[str, Any], meta: dict[str, Any], directory: str) -> None:
-    """Refuse a checkpoint written by another config or other runs."""
-    old = {k: v for k, v in saved["config"].items() if k not in _NOT_CHECKED_ON_RESUME}
-    new = {k: v for k, v in meta["config"].items() if k not in _NOT_CHECKED_ON_RESUME}
-    if _jsonable(old) != _jsonable(new) or _jsonable(saved["runs"]) != _jsonable(meta["runs"]):
-        raise ConfigError(f"the checkpoint in {directory} was written by a different config: use a new output "
-                          f"directory, or resume=False to start over")
-
-
-def _jsonable(x: Any) -> Any:
-    import json
-
-    return json.loads(json.dumps(x))

@@ -6,13 +6,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxcifar.data.checks import checked_images
 from jaxcifar.errors import CheckpointError
+from jaxcifar.models import MODELS
 from jaxcifar.train import checkpoint as ckpt
+from jaxcifar.train.components import Components
 from jaxcifar.train.config import TrainConfig
 from jaxcifar.train.setup import build_for, init_state
 from jaxcifar.train.state import stack_states, unstack_state
@@ -51,13 +54,20 @@ def read_meta(directory: str | Path, step: int) -> dict[str, Any]:
     return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
 
+WEIGHT_FIELDS = ("params", "batch_stats", "best_params", "best_batch_stats", "best_epoch", "epoch")
+
+
 def load_trained(directory: str | Path, which: str | int = "best", run: int = 0,
-                 num_classes: int | None = None) -> Trained:
+                 num_classes: int | None = None, model: nn.Module | None = None, ema: bool = False) -> Trained:
     """Restore run ``run`` of the checkpoint ``which`` written by :func:`~jaxcifar.train.fit` into
     ``directory``: ``'best'`` (the run's best weights from the best checkpoint, selected on validation
     accuracy, or on training accuracy for runs without a validation split: ``meta['histories']`` and the
-    summary's ``selected_on`` say which), ``'latest'``, or an epoch.
-    ``num_classes`` is needed only for checkpoints that do not record it."""
+    summary's ``selected_on`` say which), ``'latest'``, or an epoch. With ``ema`` the moving average of the
+    weights at that checkpoint (``config.ema_decay``) instead.
+
+    ``model``: the module a run trained with ``fit(model=...)`` used (the same class and fields); registered
+    and built-in models are rebuilt by name. ``num_classes`` is needed only for checkpoints that do not record
+    it. Only the weights are read, so the optimizer, loss and augmentations need not be given."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"no checkpoint directory {directory}: train first or pass the right path")
@@ -70,17 +80,35 @@ def load_trained(directory: str | Path, which: str | int = "best", run: int = 0,
     if num_classes is None:
         raise CheckpointError(f"{directory} does not record its class count: pass num_classes")
     config = TrainConfig.from_dict(meta["config"])
+    _check_loadable(config, meta, directory, model, ema)
     runs = meta["runs"]
     if not 0 <= run < len(runs):
         raise CheckpointError(f"run {run} is not in {directory} (it holds {len(runs)} runs): pick 0..{len(runs) - 1}")
     norm = meta["normalization"]
-    fns = build_for(config, norm["mean"], norm["std"], num_classes,
-                    meta.get("train_size", config.batch_size))  # the size matters only to the schedule
-    states = [init_state(config, fns, r) for r in runs]
+    # Only what inference uses: the recorded augmentations and optimizer play no part.
+    inference = config.replace(augment=(), model="convnet" if model is not None else config.model)
+    fns = build_for(inference, norm["mean"], norm["std"], num_classes,
+                    meta.get("train_size", config.batch_size), components=Components(model=model))
+    states = [init_state(inference, fns, r) for r in runs]
     run_axis = meta.get("run_axis", meta.get("vmapped"))  # checkpoints before 0.2 call it "vmapped"
-    state, _ = ckpt.restore(directory, stack_states(states) if run_axis else states[0], step)
+    fields = WEIGHT_FIELDS + (("ema",) if ema else ())
+    state, _ = ckpt.restore(directory, stack_states(states) if run_axis else states[0], step, fields=fields)
     if run_axis:
         state = unstack_state(state, run)
-    variables = state.best_variables if which == "best" else state.variables
-    epoch = int(state.best_epoch) if which == "best" else int(state.epoch)
+    variables = state.weights("ema" if ema else "best" if which == "best" else "current")
+    epoch = int(state.best_epoch) if which == "best" and not ema else int(state.epoch)
     return Trained(fns, variables, config, meta, epoch, step)
+
+
+def _check_loadable(config: TrainConfig, meta: dict[str, Any], directory: Path, model: nn.Module | None,
+                    ema: bool) -> None:
+    """Clear errors for a checkpoint that needs the user's module, or that has no moving average."""
+    recorded = (meta.get("components") or {}).get("model_repr")
+    if model is None and config.model not in MODELS:
+        raise CheckpointError(f"{directory} was trained with the model {config.model.removeprefix('custom:')}: pass "
+                              "load_trained(dir, model=<that module>), or register it with register_model")
+    if model is not None and recorded is not None and repr(model) != recorded:
+        raise CheckpointError(f"{directory} was trained with {recorded.splitlines()[0]}... whose fields differ from "
+                              f"the model given: pass the module with the fields it was trained with")
+    if ema and config.ema_decay is None:
+        raise CheckpointError(f"{directory} keeps no moving average (ema_decay was not set): load without ema")

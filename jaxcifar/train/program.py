@@ -15,14 +15,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxcifar.data.augment import AUGMENTATIONS
 from jaxcifar.data.batching import epoch_batches, eval_batches
+from jaxcifar.data.mix import MIXES
 from jaxcifar.models import MODELS
+from jaxcifar.train.components import Components
 from jaxcifar.train.config import TrainConfig
-from jaxcifar.train.optim import unit_schedule
 from jaxcifar.train.plan import RunPlan
 from jaxcifar.train.runs import over_runs, program_bytes
 from jaxcifar.train.setup import PreparedData
-from jaxcifar.train.state import DATA_STREAM, TrainState, learning_rate
+from jaxcifar.train.state import DATA_STREAM, TrainState
 from jaxcifar.train.steps import StepFns, make_chunk_runner, make_evaluator
 
 EvalPlan = tuple[jax.Array, jax.Array]  # (index int32 [S, B], weight float32 [S, B]) over a split
@@ -39,6 +41,8 @@ class EpochProgram:
     * ``evaluate`` / ``evaluate_val`` / ``evaluate_best(state, images, labels, index, weight) -> {loss,
       accuracy}``: the test split with the current weights, the validation split (per-run indices when each
       run has its own split), the test split with the best-so-far weights;
+    * ``evaluate_ema_val`` / ``evaluate_ema``: the validation and test splits with the moving average of the
+      weights (``config.ema_decay``; compiled only then);
     * ``end_epoch(state, val_loss, val_accuracy) -> state`` and ``current_lr(state) -> lr``.
     """
 
@@ -47,6 +51,8 @@ class EpochProgram:
     evaluate: Callable
     evaluate_val: Callable
     evaluate_best: Callable
+    evaluate_ema_val: Callable
+    evaluate_ema: Callable
     end_epoch: Callable
     current_lr: Callable
     bounds: tuple[tuple[int, int], ...]  # (first, end) step of each chunk in an epoch
@@ -64,6 +70,10 @@ class EpochProgram:
             self.evaluate_val.lower(state, *data.val, *eval_plans["val"]).compile()
         self.evaluate.lower(state, *data.test, *eval_plans["test"]).compile()
         self.evaluate_best.lower(state, *data.test, *eval_plans["test"]).compile()
+        if state.ema != ():
+            if data.val is not None:
+                self.evaluate_ema_val.lower(state, *data.val, *eval_plans["val"]).compile()
+            self.evaluate_ema.lower(state, *data.test, *eval_plans["test"]).compile()
         per_run = jnp.zeros(() if self.n_runs is None else (self.n_runs,), jnp.float32)
         self.end_epoch.lower(state, per_run, per_run).compile()
         self.current_lr.lower(state).compile()
@@ -79,7 +89,6 @@ class EpochProgram:
 def build_program(config: TrainConfig, data: PreparedData, steps: StepFns, plan: RunPlan,
                   n_runs: int) -> EpochProgram:
     """The epoch program for a group of ``n_runs`` runs of ``plan`` (a plain single run without a run axis)."""
-    spe = plan.steps_per_epoch
     axis = plan.run_axis
     vm = (lambda f, axes: over_runs(f, axes, plan.strategy)) if axis else (lambda f, axes: f)  # noqa: E731
     n_train = data.train_size
@@ -93,9 +102,6 @@ def build_program(config: TrainConfig, data: PreparedData, steps: StepFns, plan:
         idx = idx if train_index is None else train_index[idx]
         return tuple(idx[lo:end] for lo, end in bounds)
 
-    def current_lr(state):
-        return learning_rate(state) * unit_schedule(config, spe)(state.step)
-
     runner = make_chunk_runner(steps, unroll=True if plan.loop == "unrolled" else 1)
     per_run_val = 0 if data.per_run_val else None
     return EpochProgram(
@@ -103,9 +109,11 @@ def build_program(config: TrainConfig, data: PreparedData, steps: StepFns, plan:
         order=jax.jit(jax.vmap(order, (0, None, 0)) if axis else order),
         evaluate=jax.jit(vm(make_evaluator(steps), (0, None, None, None, None))),
         evaluate_val=jax.jit(vm(make_evaluator(steps), (0, None, None, per_run_val, None))),
-        evaluate_best=jax.jit(vm(make_evaluator(steps, use_best=True), (0, None, None, None, None))),
+        evaluate_best=jax.jit(vm(make_evaluator(steps, "best"), (0, None, None, None, None))),
+        evaluate_ema_val=jax.jit(vm(make_evaluator(steps, "ema"), (0, None, None, per_run_val, None))),
+        evaluate_ema=jax.jit(vm(make_evaluator(steps, "ema"), (0, None, None, None, None))),
         end_epoch=jax.jit(vm(steps.end_epoch, (0, 0, 0))),
-        current_lr=jax.jit(vm(current_lr, (0,))),
+        current_lr=jax.jit(vm(steps.current_lr, (0,))),
         bounds=bounds,
         n_runs=n_runs if axis else None,
         batch_size=config.batch_size,
@@ -125,16 +133,24 @@ NOT_IN_PROGRAM = ("seed", "split_seed", "keep_checkpoints", "checkpoint_every", 
                   "log_every", "runs_per_chunk")
 
 
-def program_key(config: TrainConfig, data: PreparedData, plan: RunPlan) -> tuple:
+def program_key(config: TrainConfig, data: PreparedData, plan: RunPlan, components: Components) -> tuple:
     """Everything the compiled programs depend on (the data only through its shapes and statistics), including
-    the identity of the registered model factory: a model class redefined (or re-registered) under the same
-    name gets a new program instead of silently training the old one."""
-    program = {k: v for k, v in config.to_dict().items() if k not in NOT_IN_PROGRAM}
-    factory = MODELS.get(config.model)
-    return (json.dumps(program, sort_keys=True, default=str), _identity(factory), data.mean, data.std,
+    the identity of every function and class involved: the registered model factory (a model class redefined or
+    re-registered under the same name gets a new program instead of silently training the old one), the
+    augmentations (registered and given as functions) and the user's model, optimizer, loss and metrics."""
+    program = {k: v for k, v in config.to_json_dict().items() if k not in NOT_IN_PROGRAM}
+    functions = (MODELS.get(config.model), *config.callables(), *_registered_augmentations(config))
+    return (json.dumps(program, sort_keys=True, default=str), tuple(map(_identity, functions)),
+            components.identity(), data.mean, data.std,
             data.num_classes, data.train_size, data.per_run_val, data.val is not None and int(data.val[1].shape[0]),
             int(data.test[1].shape[0]), tuple(d.id for d in plan.mesh.devices.flat), plan.backend,
             plan.strategy, plan.loop, plan.max_chunk, plan.parallel)
+
+
+def _registered_augmentations(config: TrainConfig) -> list:
+    """The functions behind the augmentation names in ``config`` (a name can be registered again)."""
+    names = [a if isinstance(a, str) else a[0] for a in config.augment if not callable(a)]
+    return [AUGMENTATIONS.get(n, MIXES.get(n)) for n in names]
 
 
 def _identity(obj: object) -> tuple:

@@ -4,6 +4,7 @@ compiled pieces itself (benchmarks, :func:`~jaxcifar.train.predict.load_trained`
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -13,13 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxcifar.data import Dataset, Split, channel_stats, make_augment, train_val_split
+from jaxcifar.data import Dataset, Split, channel_stats, make_pipeline, train_val_split
 from jaxcifar.data.batching import steps_per_epoch
 from jaxcifar.data.split import split_indices, validation_count
-from jaxcifar.models import create_model
+from jaxcifar.models import BUILTIN_MODELS, MODELS, create_model
 from jaxcifar.train import checkpoint as ckpt
+from jaxcifar.train.components import Components, check_model_outputs, takes_dropout_rate
 from jaxcifar.train.config import TrainConfig
-from jaxcifar.train.optim import make_optimizer, make_plateau, reset_lookahead
+from jaxcifar.train.losses import cross_entropy
+from jaxcifar.train.optim import make_optimizer, make_plateau, reset_lookahead, unit_schedule
 from jaxcifar.train.parallel import batch_sharding
 from jaxcifar.train.state import TrainState
 from jaxcifar.train.steps import StepFns
@@ -86,24 +89,37 @@ def run_splits(data: PreparedData, seeds: Sequence[int]) -> tuple[jax.Array, jax
     return jnp.stack([t for t, _ in pairs]), jnp.stack([v for _, v in pairs])
 
 
-def build(config: TrainConfig, data: PreparedData, mesh: Mesh | None = None) -> StepFns:
-    """The step functions (model, optimizer, plateau, augmentation, input statistics) for ``config`` on
-    ``data``; with a multi-device ``mesh`` the steps split each batch over it."""
-    return build_for(config, data.mean, data.std, data.num_classes, data.train_size, mesh)
+def build(config: TrainConfig, data: PreparedData, mesh: Mesh | None = None,
+          components: Components | None = None) -> StepFns:
+    """The step functions (model, optimizer, plateau, augmentation, loss, input statistics) for ``config`` on
+    ``data``, with the user's ``components`` in place of the config's named ones; with a multi-device ``mesh``
+    the steps split each batch over it."""
+    return build_for(config, data.mean, data.std, data.num_classes, data.train_size, mesh, components)
 
 
 def build_for(config: TrainConfig, mean: Sequence[float], std: Sequence[float], num_classes: int,
-              train_size: int, mesh: Mesh | None = None) -> StepFns:
+              train_size: int, mesh: Mesh | None = None, components: Components | None = None) -> StepFns:
     """:func:`build` from the figures it needs (e.g. those a checkpoint records) instead of the data."""
-    model = create_model(config.model, num_classes, dtype=jnp.dtype(config.dtype), **config.model_kwargs)
+    c = components or Components()
+    dtype = jnp.dtype(config.dtype)
+    model = c.model or create_model(config.model, num_classes, dtype=dtype, **config.model_kwargs)
+    if c.model is not None or MODELS[config.model] is not BUILTIN_MODELS.get(config.model):  # a user's: check it
+        check_model_outputs(model, num_classes, dtype)
     spe = steps_per_epoch(train_size, config.batch_size)
-    return StepFns(model, make_optimizer(config, spe), make_augment(config.augment), jnp.asarray(mean, jnp.float32),
-                   jnp.asarray(std, jnp.float32), config.label_smoothing, num_classes, jnp.dtype(config.dtype),
-                   batch_sharding(mesh) if mesh is not None and mesh.size > 1 else None, config.tta,
-                   make_plateau(config))
+    tx = c.optimizer(config, spe)
+    augment, mix = make_pipeline(config.augment)
+    return StepFns(
+        model=model, tx=tx or make_optimizer(config, spe), augment=augment, mix=mix,
+        mean=jnp.asarray(mean, jnp.float32), std=jnp.asarray(std, jnp.float32), num_classes=num_classes,
+        compute_dtype=dtype, loss_fn=c.loss_fn or functools.partial(cross_entropy,
+                                                                      label_smoothing=config.label_smoothing),
+        metrics_fn=c.metrics_fn, batch_sharding=batch_sharding(mesh) if mesh is not None and mesh.size > 1 else None,
+        tta=config.tta, plateau=make_plateau(config), schedule=unit_schedule(config, spe) if tx is None else None,
+        dropout_arg=takes_dropout_rate(model), ema_decay=config.ema_decay)
 
 
 INIT_SAMPLE = 5000  # training images a data-dependent initialization looks at
+HYPERPARAMS = ("learning_rate", "weight_decay")  # injected into the optimizer state: they can vary per run
 
 
 def init_state(config: TrainConfig, fns: StepFns, run: dict[str, Any] | None = None,
@@ -113,7 +129,10 @@ def init_state(config: TrainConfig, fns: StepFns, run: dict[str, Any] | None = N
     patch-whitening layer) are initialized from the first :data:`INIT_SAMPLE` of ``train_images`` (uint8
     [N, 32, 32, 3]), normalized as in training."""
     run = run or {}
-    hyper = {k: run.get(k, getattr(config, k)) for k in ("learning_rate", "weight_decay")}
+    if fns.builtin_tx:
+        hyper = {k: run.get(k, getattr(config, k)) for k in HYPERPARAMS}
+    else:  # a user's optimizer keeps its own values unless the run sets them
+        hyper = {k: run[k] for k in HYPERPARAMS if k in run}
     sample = None
     if train_images is not None and hasattr(fns.model, "init_from_data"):
         sample = train_images[:INIT_SAMPLE]

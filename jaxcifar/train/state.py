@@ -32,6 +32,7 @@ class TrainState:
     best_val_accuracy: jax.Array  # float32 []
     best_epoch: jax.Array  # int32 []; 0 = none yet
     epoch: jax.Array  # int32 []; completed epochs
+    ema: Any = ()  # {'params', 'batch_stats'}: moving average of the weights (config.ema_decay), or () when off
 
     @property
     def variables(self) -> dict[str, Any]:
@@ -40,15 +41,16 @@ class TrainState:
 
     @property
     def best_variables(self) -> dict[str, Any]:
+        """The best epoch's ``{'params', 'batch_stats'}`` (by the selection metric)."""
         return {"params": self.best_params, "batch_stats": self.best_batch_stats}
 
-
-def learning_rate(state: TrainState) -> jax.Array:
-    """The peak learning rate as injected into the optimizer state (times the plateau scale)."""
-    lr = state.opt_state.hyperparams["learning_rate"]
-    if state.plateau != ():
-        lr = lr * state.plateau.scale
-    return lr
+    def weights(self, which: str) -> dict[str, Any]:
+        """``model.apply`` variables: ``'current'``, ``'best'`` or ``'ema'`` (the moving average)."""
+        if which == "ema":
+            if self.ema == ():
+                raise ValueError("this state keeps no moving average: set TrainConfig.ema_decay")
+            return self.ema
+        return self.best_variables if which == "best" else self.variables
 
 
 def stack_states(states: list[TrainState]) -> TrainState:

@@ -19,7 +19,11 @@ import jax.numpy as jnp
 import optax
 
 from jaxcifar.data.augment import AugmentFn
+from jaxcifar.data.mix import MixFn
 from jaxcifar.data.stats import normalize
+from jaxcifar.errors import ConfigError
+from jaxcifar.train.components import LossFn, MetricsFn, check_metrics, inject, injected, label
+from jaxcifar.train.losses import targets_of
 from jaxcifar.train.optim import reset_lookahead, synced_batch_stats
 from jaxcifar.train.state import TrainState
 
@@ -28,21 +32,32 @@ Metrics = dict[str, jax.Array]
 
 @dataclass(frozen=True)
 class StepFns:
-    """The static pieces a step closes over: the model, the optimizer ``tx`` (with injected ``learning_rate``
-    and ``weight_decay``), the once-per-epoch ``plateau`` transform (or None), augmentation, input
-    statistics, loss settings and compute dtype. Every method is a pure function of its arguments."""
+    """The static pieces a step closes over: the model, the optimizer ``tx``, the once-per-epoch ``plateau``
+    transform (or None), the augmentation (image ops on uint8, then the optional label-mixing ``mix`` on the
+    normalized batch), input statistics, the per-example ``loss_fn``, extra ``metrics_fn``, the compute dtype
+    and the weight average's ``ema_decay``. Every method is a pure function of its arguments."""
 
     model: nn.Module
     tx: optax.GradientTransformation
     augment: AugmentFn
     mean: Any  # float32 [3]
     std: Any  # float32 [3]
-    label_smoothing: float
     num_classes: int
     compute_dtype: Any
+    loss_fn: LossFn
+    mix: MixFn | None = None  # mixup / cutmix: (key, images, soft targets) -> (images, soft targets)
+    metrics_fn: MetricsFn | None = None  # (logits, labels) -> {name: per-example value}
     batch_sharding: Any = None  # NamedSharding of a batch over the data-parallel mesh; None on one device
     tta: int = 0  # test-time augmentation: 0 none, 1 mirror, 2 mirror and 1-pixel shifts
     plateau: optax.GradientTransformationExtraArgs | None = None  # reduce-on-plateau, stepped per epoch
+    schedule: Callable | None = None  # the built-in optimizer's unit-peak schedule; None for a user's tx
+    dropout_arg: bool = True  # the model's __call__ takes dropout_rate
+    ema_decay: float | None = None  # exponential moving average of the weights (None: none)
+
+    @property
+    def builtin_tx(self) -> bool:
+        """Whether ``tx`` is the config's optimizer (it takes ``batch_stats`` for lookahead)."""
+        return self.schedule is not None
 
     def fresh_state(self, seed: int, hyperparams: dict[str, float], dropout_rate: float,
                     sample: jax.Array | None = None) -> TrainState:
@@ -62,17 +77,30 @@ class StepFns:
             params, batch_stats = variables["params"], variables.get("batch_stats", {})
             if sample is not None and hasattr(self.model, "init_from_data"):
                 params = self.model.init_from_data(params, normalize(sample, self.mean, self.std))
-            opt_state = reset_lookahead(self.tx.init(params), params, batch_stats)
-            opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams, **hyperparams})
+            opt_state = inject(reset_lookahead(self.tx.init(params), params, batch_stats), hyperparams)
+            copy = functools.partial(jax.tree.map, jnp.copy)
             return TrainState(
                 params=params, batch_stats=batch_stats, opt_state=opt_state,
                 plateau=self.plateau.init(params) if self.plateau is not None else (),
                 step=jnp.zeros((), jnp.int32), rng=rng, dropout_rate=dropout_rate,
-                best_params=jax.tree.map(jnp.copy, params), best_batch_stats=jax.tree.map(jnp.copy, batch_stats),
+                best_params=copy(params), best_batch_stats=copy(batch_stats),
                 best_val_accuracy=jnp.asarray(-1.0, jnp.float32),
-                best_epoch=jnp.zeros((), jnp.int32), epoch=jnp.zeros((), jnp.int32))
+                best_epoch=jnp.zeros((), jnp.int32), epoch=jnp.zeros((), jnp.int32),
+                ema=copy({"params": params, "batch_stats": batch_stats}) if self.ema_decay else ())
 
         return jax.jit(fresh)
+
+    def current_lr(self, state: TrainState) -> jax.Array:
+        """The learning rate of the next step: the injected one (times the built-in schedule and the plateau
+        scale); NaN when a user's optimizer injects none."""
+        lr = injected(state.opt_state, "learning_rate")
+        if lr is None:
+            return jnp.full((), jnp.nan, jnp.float32)
+        if self.schedule is not None:
+            lr = lr * self.schedule(state.step)
+        if state.plateau != ():
+            lr = lr * state.plateau.scale
+        return lr
 
     def end_epoch(self, state: TrainState, val_loss: jax.Array, val_accuracy: jax.Array) -> TrainState:
         """Close an epoch: keep the weights if ``val_accuracy`` (the selection metric: validation, or
@@ -100,45 +128,68 @@ class StepFns:
             return arrays
         return tuple(jax.lax.with_sharding_constraint(a, s) for a in arrays)
 
-    def loss(self, logits: jax.Array, labels: jax.Array) -> jax.Array:
-        targets = jax.nn.one_hot(labels, self.num_classes)
-        if self.label_smoothing:
-            targets = optax.smooth_labels(targets, self.label_smoothing)
-        return optax.softmax_cross_entropy(logits, targets)
-
     def train_step(self, state: TrainState, batch: tuple[jax.Array, jax.Array], key: jax.Array):
         images, labels = self.shard_batch(*batch)
         aug_key, drop_key = jax.random.split(key)
         x = normalize(self.augment(aug_key, images), self.mean, self.std, self.compute_dtype)
+        targets = labels
+        if self.mix is not None:  # soft targets: one-hot labels mixed like the images
+            x, targets = self.mix(aug_key, x, targets_of(labels, self.num_classes))
         has_bn = bool(jax.tree.leaves(state.batch_stats))
+        extra_args = {"dropout_rate": state.dropout_rate} if self.dropout_arg else {}
 
         def loss_fn(params):
             variables = {"params": params, "batch_stats": state.batch_stats}
-            out = self.model.apply(variables, x, train=True, dropout_rate=state.dropout_rate,
-                                   rngs={"dropout": drop_key}, mutable=["batch_stats"] if has_bn else False)
+            out = self.model.apply(variables, x, train=True, rngs={"dropout": drop_key},
+                                   mutable=["batch_stats"] if has_bn else False, **extra_args)
             logits, new_vars = out if has_bn else (out, {"batch_stats": state.batch_stats})
-            return self.loss(logits, labels).mean(), (logits, new_vars["batch_stats"])
+            return self.per_example_loss(logits, targets).mean(), (logits, new_vars["batch_stats"])
 
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        extra = {"batch_stats": batch_stats} if has_bn else {}  # lookahead averages BN statistics too
+        extra = {"batch_stats": batch_stats} if has_bn and self.builtin_tx else {}  # lookahead averages them too
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params, **extra)
         batch_stats = synced_batch_stats(opt_state, batch_stats)
         if state.plateau != ():
             updates = optax.tree.scale(state.plateau.scale, updates)
-        state = state.replace(params=optax.apply_updates(state.params, updates), batch_stats=batch_stats,
-                              opt_state=opt_state, step=state.step + 1)
-        accuracy = (logits.argmax(-1) == labels).mean()
-        return state, {"loss": loss, "accuracy": accuracy}
+        params = optax.apply_updates(state.params, updates)
+        state = state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state, step=state.step + 1,
+                              ema=self._ema_update(state.ema, params, batch_stats, state.step))
+        metrics = {"loss": loss, "accuracy": (logits.argmax(-1) == labels).mean()}
+        return state, {**metrics, **jax.tree.map(jnp.mean, self.extra_metrics(logits, labels))}
+
+    def _ema_update(self, ema: Any, params: Any, batch_stats: Any, step: jax.Array) -> Any:
+        """The weight average after a step: ``d * ema + (1 - d) * new`` with ``d = min(ema_decay,
+        (1 + step) / (10 + step))``, so the first steps' weights do not linger (TensorFlow's ``num_updates``)."""
+        if not self.ema_decay:
+            return ema
+        step = step.astype(jnp.float32)
+        d = jnp.minimum(self.ema_decay, (1.0 + step) / (10.0 + step))
+        new = {"params": params, "batch_stats": batch_stats}
+        return jax.tree.map(lambda e, x: (d * e + (1.0 - d) * x).astype(e.dtype), ema, new)
+
+    def per_example_loss(self, logits: jax.Array, labels: jax.Array) -> jax.Array:
+        """``loss_fn``'s per-example loss float32 [B], checked while tracing."""
+        loss = self.loss_fn(logits, labels)
+        if getattr(loss, "shape", None) != logits.shape[:1]:
+            raise ConfigError(f"loss_fn {label(self.loss_fn)} returned shape {getattr(loss, 'shape', None)}, "
+                              f"not per-example [{logits.shape[0]}]: return the loss of each example, fit averages")
+        return loss.astype(jnp.float32)
+
+    def extra_metrics(self, logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+        """``metrics_fn``'s per-example values ({} without one)."""
+        if self.metrics_fn is None:
+            return {}
+        return check_metrics(self.metrics_fn(logits, labels), logits.shape[0], self.metrics_fn)
 
     def eval_step(self, variables, images: jax.Array, labels: jax.Array, weight: jax.Array) -> Metrics:
-        """Sums over the batch of weighted loss and correct predictions (weight 0 marks padding)."""
+        """Sums over the batch of weighted loss, correct predictions and extra metrics (weight 0 marks
+        padding), and the weight ``count``."""
         images, labels, weight = self.shard_batch(images, labels, weight)
         logits = self.logits(variables, images)
-        return {
-            "loss": (self.loss(logits, labels) * weight).sum(),
-            "correct": ((logits.argmax(-1) == labels) * weight).sum(),
-            "count": weight.sum(),
-        }
+        per_example = {"loss": self.per_example_loss(logits, labels), "correct": logits.argmax(-1) == labels,
+                       **self.extra_metrics(logits, labels)}
+        sums = {k: (v * weight).sum() for k, v in per_example.items()}
+        return {**sums, "count": weight.sum()}
 
     def logits(self, variables, images: jax.Array) -> jax.Array:
         """Evaluation-mode logits float32 [N, num_classes] for uint8 images [N, 32, 32, 3], averaged over the
@@ -188,20 +239,25 @@ def make_chunk_runner(fns: StepFns, unroll: int | bool) -> Callable:
     return run
 
 
-def make_evaluator(fns: StepFns, use_best: bool = False) -> Callable:
-    """``evaluate(state, images, labels, index [S, B], weight [S, B]) -> {'loss', 'accuracy'}`` over the
-    whole split as one forward-only ``lax.scan`` (fast on every backend)."""
+def make_evaluator(fns: StepFns, weights: str = "current") -> Callable:
+    """``evaluate(state, images, labels, index [S, B], weight [S, B]) -> {'loss', 'accuracy', extra metrics}``
+    over the whole split as one forward-only ``lax.scan`` (fast on every backend); ``weights`` is
+    ``'current'``, ``'best'`` (the best epoch's) or ``'ema'`` (the moving average)."""
 
     def evaluate(state: TrainState, images, labels, index, weight):
-        variables = state.best_variables if use_best else state.variables
+        variables = state.weights(weights)
 
         def body(carry, xs):
             idx, w = xs
             m = fns.eval_step(variables, images[idx], labels[idx], w)
             return jax.tree.map(jnp.add, carry, m), None
 
-        zero = {"loss": jnp.zeros(()), "correct": jnp.zeros(()), "count": jnp.zeros(())}
+        shapes = jax.eval_shape(fns.eval_step, variables, images[index[0]], labels[index[0]], weight[0])
+        zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         tot, _ = jax.lax.scan(body, zero, (index, weight))
-        return {"loss": tot["loss"] / tot["count"], "accuracy": tot["correct"] / tot["count"]}
+        count = tot.pop("count")
+        means = {k: v / count for k, v in tot.items()}
+        means["accuracy"] = means.pop("correct")
+        return means
 
     return evaluate

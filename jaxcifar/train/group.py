@@ -1,0 +1,85 @@
+"""A group of runs trained together in one compiled program: what stays fixed while it trains."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxcifar.train.components import Components, recorded_config
+from jaxcifar.train.config import TrainConfig
+from jaxcifar.train.parallel import replicate, shard_runs
+from jaxcifar.train.plan import RunPlan
+from jaxcifar.train.program import EpochProgram, EvalPlan, eval_plans
+from jaxcifar.train.setup import PreparedData, init_state, run_splits, with_body
+from jaxcifar.train.state import TrainState, stack_states
+from jaxcifar.train.steps import StepFns
+from jaxcifar.versions import environment
+
+
+@dataclass(frozen=True)
+class Group:
+    """What stays fixed while a group of runs trains: its program, data, evaluation batches, checkpoints."""
+
+    config: TrainConfig
+    data: PreparedData
+    program: EpochProgram
+    runs: list[dict[str, Any]]
+    run_ids: list[int]  # the runs' indices in fit(runs=...)
+    initial: TrainState  # fresh (or fine-tuning) state, placed on the devices
+    train_index: jax.Array | None  # per-run training indices when each run has its own split
+    eval_plans: dict[str, EvalPlan]
+    checkpoint_dir: str | None
+    meta: dict[str, Any]
+
+    @property
+    def has_val(self) -> bool:
+        """Whether there is a validation split; without one the best epoch is picked on training metrics."""
+        return self.data.val is not None
+
+    @property
+    def has_ema(self) -> bool:
+        """Whether the runs keep a moving average of their weights."""
+        return self.config.ema_decay is not None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.program.bounds[-1][1]
+
+    @classmethod
+    def start(cls, config: TrainConfig, data: PreparedData, steps: StepFns, program: EpochProgram,
+              plan: RunPlan, members: list[int], all_runs: list[dict[str, Any]], checkpoint_dir: str | None,
+              body: dict[str, Any] | None, components: Components) -> Group:
+        """Initialize the group's runs (``members`` of ``all_runs``, placed on the plan's devices) and their
+        splits."""
+        runs = [all_runs[i] for i in members]
+        states = [init_state(config, steps, r, data.train[0]) for r in runs]
+        if body is not None:
+            states = [with_body(s, body) for s in states]
+        state = stack_states(states) if plan.run_axis else states[0]
+        if plan.data_mesh is not None:
+            state = replicate(state, plan.data_mesh)
+        elif plan.run_mesh is not None:
+            state = shard_runs(state, plan.run_mesh)
+        plans = eval_plans(data, config.eval_batch_size)
+        splits = run_splits(data, [int(r.get("seed", config.seed)) for r in runs])
+        train_index = None
+        if splits is not None:  # per-run validation sets: evaluation indices go through each run's own index
+            train_index, val_index = (x if plan.run_axis else x[0] for x in splits)
+            plans["val"] = (val_index[..., plans["val"][0]], plans["val"][1])
+        meta = {"config": recorded_config(config, components), "runs": runs, "fine_tuned": body is not None,
+                "components": components.describe(), "loop": plan.loop,
+                "chunk": program.bounds[0][1], "run_axis": plan.run_axis, "run_strategy": plan.strategy,
+                "normalization": {"mean": data.mean, "std": data.std}, "num_classes": data.num_classes,
+                "train_size": data.train_size, "split_per_run": bool(data.per_run_val),
+                "environment": environment()}
+        return cls(config, data, program, runs, members, state, train_index, plans, checkpoint_dir, meta)
+
+    def evaluate(self, fn: Callable, state: TrainState, split: str) -> dict[str, np.ndarray]:
+        """``fn`` (one of the program's evaluators) over ``split`` (``"val"`` or ``"test"``), per run."""
+        images, labels = self.data.val if split == "val" else self.data.test
+        out = jax.device_get(fn(state, images, labels, *self.eval_plans[split]))
+        return {k: np.asarray(v, np.float32).reshape(len(self.runs)) for k, v in out.items()}
