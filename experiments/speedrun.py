@@ -37,10 +37,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="test-time augmentation: 0 none, 1 mirror, 2 mirror and 1-pixel shifts")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU (faster there)")
+    p.add_argument("--cpu-bfloat16", action="store_true",
+                   help="allow --dtype bfloat16 on the CPU (slow; to study its numerics), otherwise an error")
     args = cli.parse(p, argv)
     if args.runs < 1:
         p.error("--runs must be at least 1")
-    dtype = compute_dtype(args.dtype)
+    dtype = compute_dtype(args.dtype, allow_cpu_bfloat16=args.cpu_bfloat16)
     out = cli.out_dir(args)
     data = cli.load_data(args)
     config = configs.speedrun(epochs=args.epochs, batch_size=args.batch_size, val_size=args.val_size,

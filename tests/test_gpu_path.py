@@ -82,6 +82,9 @@ def test_gpu_backend_picks_scan_vmap_and_bf16(tiny, monkeypatch):
 def test_cpu_backend_refuses_a_required_gpu(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     assert compute_dtype("auto") == "float32"
+    with pytest.raises(ConfigError, match="--cpu-bfloat16"):  # the GPU setting where JAX fell back to the CPU
+        compute_dtype("bfloat16")
+    assert compute_dtype("bfloat16", allow_cpu_bfloat16=True) == "bfloat16"
     with pytest.raises(ConfigError, match="a GPU was required.*JAX_PLATFORMS=cuda"):
         require_accelerator()
 

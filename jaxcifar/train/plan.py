@@ -146,12 +146,18 @@ def halving_group_size(n_runs: int, fits: Callable[[int], bool]) -> int:
     return size
 
 
-def compute_dtype(requested: str, backend: str | None = None) -> str:
+def compute_dtype(requested: str, backend: str | None = None, allow_cpu_bfloat16: bool = False) -> str:
     """``requested`` compute dtype; ``"auto"`` = bfloat16 on an accelerator, float32 on CPU (XLA:CPU has no
-    fast bf16 path: bf16 was slower there)."""
+    fast bf16 path: bf16 was slower there). An explicit ``"bfloat16"`` on the CPU is the GPU setting used
+    where JAX fell back to the CPU: a ``ConfigError`` unless ``allow_cpu_bfloat16`` (to study its numerics)."""
+    on_cpu = (backend or jax.default_backend()) == "cpu"
+    if requested == "bfloat16" and on_cpu and not allow_cpu_bfloat16:
+        raise ConfigError("--dtype bfloat16 is the GPU setting but JAX runs on the CPU, where bfloat16 is slower "
+                          "than float32: use --dtype auto (float32 here), install the CUDA build for your GPU "
+                          "(README), or add --cpu-bfloat16 to study bfloat16 numerics on the CPU")
     if requested != "auto":
         return requested
-    return "float32" if (backend or jax.default_backend()) == "cpu" else "bfloat16"
+    return "float32" if on_cpu else "bfloat16"
 
 
 def require_accelerator(backend: str | None = None) -> None:
