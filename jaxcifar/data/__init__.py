@@ -2,6 +2,7 @@
 
 from jaxcifar.data.augment import (
     AUGMENTATIONS,
+    augment_functions,
     augment_names,
     color_jitter,
     cutout,
@@ -28,7 +29,8 @@ from jaxcifar.data.stats import (
 )
 
 __all__ = [
-    "AUGMENTATIONS", "MIXES", "augment_names", "cutmix", "make_pipeline", "mixup", "register_augmentation",
+    "AUGMENTATIONS", "MIXES", "augment_functions", "augment_names", "cutmix", "make_pipeline", "mixup",
+    "register_augmentation",
     "CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD",
     "Dataset", "Split", "channel_stats", "check_normalized", "class_counts", "color_jitter", "cutout",
     "epoch_batches", "eval_batches", "load_cifar", "make_augment", "normalize", "random_crop", "random_flip",

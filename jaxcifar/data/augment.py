@@ -176,6 +176,12 @@ def _parse(item: AugmentItem) -> tuple[str | None, Callable, dict[str, Any]]:
     return name, AUGMENTATIONS[name], kwargs
 
 
+def augment_functions(spec: AugmentSpec) -> list[Callable]:
+    """The function behind every entry of ``spec``, given or registered (a name can be registered again, so
+    compiled programs depend on these, not on the names)."""
+    return [_parse(item)[1] for item in spec]
+
+
 def make_pipeline(spec: AugmentSpec) -> tuple[AugmentFn, MixFn | None]:
     """``(image_ops, mix)`` for ``spec``: the image ops composed into one ``(key, images) -> images`` (run on
     the uint8 batch), and the label-mixing ops (``mixup``, ``cutmix``; they must come last) composed into one

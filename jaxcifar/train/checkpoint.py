@@ -48,7 +48,7 @@ def best_step(manager: ocp.CheckpointManager) -> int | None:
     return manager.best_step() if manager.best_step() is not None else manager.latest_step()
 
 
-def _step(manager: ocp.CheckpointManager, directory: Path, which: str | int) -> int:
+def checkpoint_step(manager: ocp.CheckpointManager, directory: str | Path, which: str | int) -> int:
     """The checkpoint step ``which`` names (``'latest'``, ``'best'`` or an epoch), checked to exist."""
     step = manager.latest_step() if which == "latest" else best_step(manager) if which == "best" else int(which)
     if step is None or step not in manager.all_steps():
@@ -68,7 +68,7 @@ def restore(directory: str | Path, target: Any, which: str | int = "latest",
     if not directory.exists():
         raise CheckpointError(f"no checkpoint directory {directory}: train first or pass the right path")
     manager = checkpoint_manager(directory)
-    step = _step(manager, directory, which)
+    step = checkpoint_step(manager, directory, which)
     names = fields or tuple(f for f in target.__dataclass_fields__ if jax.tree.leaves(getattr(target, f)))
     wanted = {f: getattr(target, f) for f in names}
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, wanted)

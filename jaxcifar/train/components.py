@@ -57,14 +57,9 @@ class Components:
     loss_fn: LossFn | None = None
     metrics_fn: MetricsFn | None = None
 
-    @property
-    def any(self) -> bool:
-        """Whether any piece replaces the config's."""
-        return any(x is not None for x in (self.model, self.tx, self.loss_fn, self.metrics_fn))
-
     def identity(self) -> tuple:
         """What the compiled programs depend on: the module (its class and fields) and the other objects."""
-        return (_hashable(self.model), _hashable(self.tx), _hashable(self.loss_fn), _hashable(self.metrics_fn))
+        return tuple(map(cache_identity, (self.model, self.tx, self.loss_fn, self.metrics_fn)))
 
     def describe(self) -> dict[str, str | None]:
         """Stable text labels (the same across processes) for results and checkpoints."""
@@ -121,9 +116,10 @@ class _ById:
         return isinstance(other, _ById) and other.obj is self.obj
 
 
-def _hashable(obj: Any) -> tuple:
-    """``(class identity, obj)``: equal modules (same class, same fields) give equal keys; unhashable objects
-    compare by identity."""
+def cache_identity(obj: Any) -> tuple:
+    """A program-cache key part for ``obj``: its class (by identity) and the object itself. Functions and
+    classes compare by identity (the same name defined twice gives two keys), equal modules (same class, same
+    fields) give equal keys, unhashable objects compare by identity."""
     try:
         hash(obj)
         part = obj

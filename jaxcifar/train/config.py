@@ -101,10 +101,6 @@ class TrainConfig:
         d["augment"] = tuple(_callable_label(a) if callable(a) else a for a in self.augment)
         return d
 
-    def callables(self) -> tuple:
-        """The functions in ``augment`` (the compiled programs depend on them by identity)."""
-        return tuple(a for a in self.augment if callable(a))
-
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         d = dict(d)

@@ -288,7 +288,7 @@ def _train_epoch(g: Group, state: TrainState, epoch: int, progress: bool, callba
     chunks = g.program.order(state.rng, epoch, g.train_index)
     bar = tqdm(total=spe, desc=f"epoch {epoch}/{g.config.epochs}", unit="step", disable=not progress, leave=False)
     points = list(interval_points(spe, g.config.log_every))
-    metrics, finished, logged = [], None, 0
+    metrics, host, finished, logged = [], [], None, 0  # host: the chunks' metrics fetched so far
     for (_, end), index in zip(g.program.bounds, chunks, strict=True):
         state, m = g.program.run_chunk(state, *g.data.train, index)
         metrics.append(m)
@@ -302,15 +302,17 @@ def _train_epoch(g: Group, state: TrainState, epoch: int, progress: bool, callba
             bar.update(end - bar.n)
             bar.set_postfix(loss=f"{np.mean(last['loss']):.3f}", acc=f"{np.mean(last['accuracy']):.3f}")
         if crossed and callbacks.wants_intervals:
-            _report_intervals(g, callbacks, epoch, _per_step(g, metrics), crossed, state, histories)
+            host += jax.device_get(metrics[len(host):])
+            _report_intervals(g, callbacks, epoch, _per_step(g, host), crossed, state, histories)
         logged += len(crossed)
     bar.close()
-    return state, _per_step(g, metrics)
+    host += jax.device_get(metrics[len(host):])
+    return state, _per_step(g, host)
 
 
-def _per_step(g: Group, metrics: list[dict[str, jax.Array]]) -> dict[str, np.ndarray]:
-    """The chunks' metrics joined on the host: every metric float [runs, steps so far]."""
-    joined = jax.tree.map(lambda *xs: np.concatenate(xs, axis=-1), *jax.device_get(metrics))
+def _per_step(g: Group, host: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Chunks' metrics (already on the host) joined: every metric float [runs, steps so far]."""
+    joined = jax.tree.map(lambda *xs: np.concatenate(xs, axis=-1), *host)
     return {k: np.asarray(v).reshape(len(g.runs), -1) for k, v in joined.items()}
 
 

@@ -27,7 +27,3 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
         targets = optax.smooth_labels(targets, label_smoothing)
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
-
-def hard_labels(labels: jax.Array) -> jax.Array:
-    """Integer labels int [B] of integer or soft ``labels`` (the class with the largest weight)."""
-    return labels if jnp.issubdtype(labels.dtype, jnp.integer) else labels.argmax(-1)

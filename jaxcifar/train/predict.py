@@ -71,10 +71,7 @@ def load_trained(directory: str | Path, which: str | int = "best", run: int = 0,
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"no checkpoint directory {directory}: train first or pass the right path")
-    manager = ckpt.checkpoint_manager(directory)
-    step = ckpt.best_step(manager) if which == "best" else manager.latest_step() if which == "latest" else int(which)
-    if step is None:
-        raise CheckpointError(f"{directory} holds no checkpoint: train first or pass the right path")
+    step = ckpt.checkpoint_step(ckpt.checkpoint_manager(directory), directory, which)
     meta = read_meta(directory, step)
     num_classes = meta.get("num_classes", num_classes)
     if num_classes is None:
@@ -86,7 +83,7 @@ def load_trained(directory: str | Path, which: str | int = "best", run: int = 0,
         raise CheckpointError(f"run {run} is not in {directory} (it holds {len(runs)} runs): pick 0..{len(runs) - 1}")
     norm = meta["normalization"]
     # Only what inference uses: the recorded augmentations and optimizer play no part.
-    inference = config.replace(augment=(), model="convnet" if model is not None else config.model)
+    inference = config.replace(augment=())
     fns = build_for(inference, norm["mean"], norm["std"], num_classes,
                     meta.get("train_size", config.batch_size), components=Components(model=model))
     states = [init_state(inference, fns, r) for r in runs]

@@ -15,11 +15,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxcifar.data.augment import AUGMENTATIONS
+from jaxcifar.data.augment import augment_functions
 from jaxcifar.data.batching import epoch_batches, eval_batches
-from jaxcifar.data.mix import MIXES
 from jaxcifar.models import MODELS
-from jaxcifar.train.components import Components
+from jaxcifar.train.components import Components, cache_identity
 from jaxcifar.train.config import TrainConfig
 from jaxcifar.train.plan import RunPlan
 from jaxcifar.train.runs import over_runs, program_bytes
@@ -139,24 +138,12 @@ def program_key(config: TrainConfig, data: PreparedData, plan: RunPlan, componen
     re-registered under the same name gets a new program instead of silently training the old one), the
     augmentations (registered and given as functions) and the user's model, optimizer, loss and metrics."""
     program = {k: v for k, v in config.to_json_dict().items() if k not in NOT_IN_PROGRAM}
-    functions = (MODELS.get(config.model), *config.callables(), *_registered_augmentations(config))
-    return (json.dumps(program, sort_keys=True, default=str), tuple(map(_identity, functions)),
+    functions = (MODELS.get(config.model), *augment_functions(config.augment))
+    return (json.dumps(program, sort_keys=True, default=str), tuple(map(cache_identity, functions)),
             components.identity(), data.mean, data.std,
             data.num_classes, data.train_size, data.per_run_val, data.val is not None and int(data.val[1].shape[0]),
             int(data.test[1].shape[0]), tuple(d.id for d in plan.mesh.devices.flat), plan.backend,
             plan.strategy, plan.loop, plan.max_chunk, plan.parallel)
-
-
-def _registered_augmentations(config: TrainConfig) -> list:
-    """The functions behind the augmentation names in ``config`` (a name can be registered again)."""
-    names = [a if isinstance(a, str) else a[0] for a in config.augment if not callable(a)]
-    return [AUGMENTATIONS.get(n, MIXES.get(n)) for n in names]
-
-
-def _identity(obj: object) -> tuple:
-    """Module, qualified name and the object itself (classes and functions compare by identity): the same
-    name defined twice gives two keys."""
-    return (getattr(obj, "__module__", None), getattr(obj, "__qualname__", None), obj)
 
 
 class ProgramCache:
