@@ -18,12 +18,12 @@ def main(argv: list[str] | None = None) -> None:
     p = cli.common_parser(__doc__.splitlines()[0], epochs=20, batch_size=32, out="runs/baseline")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout before the classifier")
     args = cli.parse(p, argv)
-    out = cli.out_dir(args)
-    data = cli.load_data(args)
     config = configs.baseline(batch_size=args.batch_size, epochs=args.epochs, val_size=args.val_size,
                               seed=args.seed, dropout_rate=args.dropout, devices=args.devices)
     config = cli.overridden(config, args)
-    result = fit(config, data, checkpoint_dir=str(out / "checkpoints"), resume=not args.no_resume,
+    out = cli.out_dir(args)
+    data = cli.load_data(args)
+    result = fit(config, data, checkpoint_dir=str(out / "checkpoints"), resume=args.resume,
                  progress=not args.no_progress)
     s, h = result.summary, result.history
     write_json(out / "results.json", {

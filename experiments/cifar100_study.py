@@ -46,7 +46,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resnet", default="resnet18", choices=["resnet18", "resnet20", "resnet56"])
     p.add_argument("--only", nargs="+", metavar="VARIANT", help="train only these variants")
     args = cli.parse(p, argv)
-    out = cli.out_dir(args)
     common = {"epochs": args.epochs, "val_size": args.val_size, "seed": args.seed, "batch_size": args.batch_size,
               "devices": args.devices}
     chosen = variants(common, args.resnet)
@@ -63,12 +62,13 @@ def main(argv: list[str] | None = None) -> None:
         else:
             chosen.pop(tuned)
             skipped.append(f"{tuned} (no --pretrained checkpoint given)")
+    out = cli.out_dir(args)
     data = cli.load_data(args)
     intro = "Adam lr {lr}, batch {b}, {e} epochs.".format(lr=common.get("learning_rate", 1e-4), b=args.batch_size,
                                                          e=args.epochs)
     if skipped:
         intro += " Skipped: " + "; ".join(skipped) + "."
-    results = run_study("CIFAR-100 study", chosen, data, out, resume=not args.no_resume,
+    results = run_study("CIFAR-100 study", chosen, data, out, resume=args.resume,
                         progress=not args.no_progress, bodies=bodies, intro=intro,
                         extra={"pretrained": args.pretrained, "skipped": skipped})
     for k, v in results.items():

@@ -14,7 +14,7 @@ import itertools
 import numpy as np
 
 from jaxcifar import cli, configs
-from jaxcifar.report import markdown_table, plot_curves, plot_overlay, write_json, write_text
+from jaxcifar.report import divergence_note, markdown_table, plot_curves, plot_overlay, write_json, write_text
 from jaxcifar.train import fit
 
 
@@ -23,13 +23,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.2, 0.5, 0.8])
     p.add_argument("--seeds", type=int, default=1, help="seeds per rate (seed, seed+1, ...)")
     args = cli.parse(p, argv)
-    out = cli.out_dir(args)
-    data = cli.load_data(args)
     config = configs.baseline(batch_size=args.batch_size, epochs=args.epochs, val_size=args.val_size,
                               seed=args.seed, devices=args.devices)
     config = cli.overridden(config, args)
+    out = cli.out_dir(args)
+    data = cli.load_data(args)
     runs = [{"dropout_rate": r, "seed": args.seed + s} for r, s in itertools.product(args.rates, range(args.seeds))]
-    result = fit(config, data, runs=runs, checkpoint_dir=str(out / "checkpoints"), resume=not args.no_resume,
+    result = fit(config, data, runs=runs, checkpoint_dir=str(out / "checkpoints"), resume=args.resume,
                  progress=not args.no_progress)
 
     labels = [f"p={r['dropout_rate']:g} seed={r['seed']}" for r in runs]
@@ -52,17 +52,18 @@ def main(argv: list[str] | None = None) -> None:
     plot_curves(result.histories, labels, out / "curves.png", "Dropout sweep: train vs validation")
     plot_overlay(result.histories, labels, out / "val_accuracy.png", title="Validation accuracy per dropout rate")
     env = result.meta["environment"]
-    write_text(out / "report.md", "\n\n".join([
+    write_text(out / "report.md", "\n\n".join(filter(None, [  # paragraphs; an empty one is left out
         "# Dropout sweep (classic ConvNet)",
         f"{cli.data_line(data, config.val_size)} {config.epochs} epochs, SGD lr {config.learning_rate} momentum "
         f"{config.momentum}, batch {config.batch_size}. All {len(runs)} runs trained in one compiled program "
         f"({result.meta['run_strategy']}, {result.meta['runs_per_chunk']} runs per program), "
         f"backend {env['backend']}, jax {env['packages']['jax']}.",
         table,
+        divergence_note(labels, result.summaries),
         f"**Winner by mean best validation accuracy: p = {winner:g}** "
         f"(val {per_rate[winner]['best_val_accuracy']:.4f}, test {per_rate[winner]['test_accuracy']:.4f}).",
         "![curves](curves.png)\n\n![validation accuracy](val_accuracy.png)",
-    ]) + "\n")
+    ])) + "\n")
     print(table)
     print(f"winner: p={winner:g}; results in {out}")
 

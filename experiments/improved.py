@@ -36,8 +36,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", nargs="+", metavar="VARIANT", help="train only these variants (see report)")
     p.add_argument("--width", type=int, default=1, help="multiply the recipe's conv channels (32/64/128 at 1)")
     args = cli.parse(p, argv)
-    out = cli.out_dir(args)
-    data = cli.load_data(args)
     common = {"epochs": args.epochs, "val_size": args.val_size, "seed": args.seed, "devices": args.devices}
     # --batch-size applies to the recipe's variants; the classic baseline keeps its batch of 32.
     if args.width < 1:
@@ -45,7 +43,9 @@ def main(argv: list[str] | None = None) -> None:
     chosen = {k: v if k == "baseline" else v.replace(batch_size=args.batch_size)
               for k, v in variants(common, args.width).items()}
     chosen = cli.selected_variants(p, chosen, args)
-    results = run_study("Improved recipe and ablation", chosen, data, out, resume=not args.no_resume,
+    out = cli.out_dir(args)
+    data = cli.load_data(args)
+    results = run_study("Improved recipe and ablation", chosen, data, out, resume=args.resume,
                         progress=not args.no_progress,
                         intro="Each row removes one ingredient from the full recipe; contribution = full recipe's "
                               "test accuracy minus the row's.")

@@ -27,23 +27,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", action="append", metavar="DIR", help="a fit checkpoint directory (repeatable)")
     p.add_argument("--count", type=int, default=24, help="test images to show")
     args = cli.parse(p, argv)
+    to_train = {}  # without --checkpoint: a model on normalized and one on raw input, checked before any work
+    for normalize in () if args.checkpoint else (True, False):
+        config = configs.baseline(batch_size=args.batch_size, epochs=args.epochs, val_size=args.val_size,
+                                  seed=args.seed, normalize=normalize, devices=args.devices)
+        to_train["normalized" if normalize else "raw"] = cli.overridden(config, args)
     out = cli.out_dir(args)
     data = cli.load_data(args)
     models = {}
-    if args.checkpoint:
-        for path in args.checkpoint:
-            trained = load_trained(path, num_classes=data.num_classes)
-            models[f"{'normalized' if trained.config.normalize else 'raw'}-{len(models)}"] = trained
-    else:
-        for normalize in (True, False):
-            name = "normalized" if normalize else "raw"
-            config = configs.baseline(batch_size=args.batch_size, epochs=args.epochs, val_size=args.val_size,
-                                      seed=args.seed, normalize=normalize, devices=args.devices)
-            config = cli.overridden(config, args)
-            directory = out / "models" / name
-            fit(config, data, checkpoint_dir=str(directory), resume=not args.no_resume,
-                progress=not args.no_progress)
-            models[name] = load_trained(directory)
+    for path in args.checkpoint or []:
+        trained = load_trained(path, num_classes=data.num_classes)
+        models[f"{'normalized' if trained.config.normalize else 'raw'}-{len(models)}"] = trained
+    for name, config in to_train.items():
+        directory = out / "models" / name
+        fit(config, data, checkpoint_dir=str(directory), resume=args.resume,
+            progress=not args.no_progress)
+        models[name] = load_trained(directory)
 
     pick = np.random.default_rng(args.seed).choice(len(data.test), size=min(args.count, len(data.test)),
                                                    replace=False)

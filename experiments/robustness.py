@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from jaxcifar import cli, configs
 from jaxcifar.report import (
+    divergence_note,
     markdown_table,
     plot_seed_band,
     plural,
@@ -39,16 +40,16 @@ def main(argv: list[str] | None = None) -> None:
     args = cli.parse(p, argv)
     if args.seeds < 2:
         p.error("--seeds must be at least 2 for a spread and a confidence interval")
-    out = cli.out_dir(args)
-    data = cli.load_data(args)
     extra = {} if args.dropout is None else {"dropout_rate": args.dropout}
     config = RECIPES[args.recipe](batch_size=args.batch_size, epochs=args.epochs, val_size=args.val_size,
                                   seed=args.seed, split_seed=args.seed, run_strategy=args.run_strategy,
                                   runs_per_chunk=args.runs_per_chunk, devices=args.devices,
                                   split_per_run=args.split_per_run, **extra)
     config = cli.overridden(config, args)
+    out = cli.out_dir(args)
+    data = cli.load_data(args)
     runs = [{"seed": args.seed + k} for k in range(args.seeds)]
-    result = fit(config, data, runs=runs, checkpoint_dir=str(out / "checkpoints"), resume=not args.no_resume,
+    result = fit(config, data, runs=runs, checkpoint_dir=str(out / "checkpoints"), resume=args.resume,
                  progress=not args.no_progress)
 
     stats = {key: seed_statistics([s[key] for s in result.summaries])
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     srows = [[k, v["mean"], v["std"], v["min"], v["max"], f"[{v['ci95_low']:.4f}, {v['ci95_high']:.4f}]"]
              for k, v in stats.items()]
     env, meta = result.meta["environment"], result.meta
-    write_text(out / "report.md", "\n\n".join([
+    write_text(out / "report.md", "\n\n".join(filter(None, [  # paragraphs; an empty one is left out
         f"# Robustness over {args.seeds} seeds ({args.recipe} recipe)",
         f"{cli.data_line(data, config.val_size)} "
         f"{'Each seed splits its own validation set' if args.split_per_run else f'Split seed {args.seed}'}; "
@@ -79,8 +80,9 @@ def main(argv: list[str] | None = None) -> None:
         f"[{t['ci95_low']:.4f}, {t['ci95_high']:.4f}], range [{t['min']:.4f}, {t['max']:.4f}].**",
         markdown_table(["metric", "mean", "std", "min", "max", "95 % CI (t)"], srows),
         markdown_table(["seed", "best val acc", "best epoch", "test acc (best-val weights)"], rows),
+        divergence_note([f"seed {r['seed']}" for r in runs], result.summaries),
         "![validation accuracy over seeds](val_accuracy.png)",
-    ]) + "\n")
+    ])) + "\n")
     print(f"test accuracy {t['mean']:.4f} +- {t['std']:.4f} over {t['n']} seeds; results in {out}")
 
 

@@ -43,16 +43,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.runs < 1:
         p.error("--runs must be at least 1")
     dtype = compute_dtype(args.dtype, allow_cpu_bfloat16=args.cpu_bfloat16)
-    out = cli.out_dir(args)
-    data = cli.load_data(args)
     config = configs.speedrun(epochs=args.epochs, batch_size=args.batch_size, val_size=args.val_size,
                               tta=args.tta, dtype=dtype, devices=args.devices)
     config = cli.overridden(config, args)
+    out = cli.out_dir(args)
+    data = cli.load_data(args)
     runs, histories = _previous_runs(out / "results.json", config, args.no_resume)
     for k in range(len(runs), args.runs):
         seed = args.seed + k
         result = fit(config.replace(seed=seed), data, checkpoint_dir=str(out / "checkpoints" / f"run_{k:03d}"),
-                     resume=not args.no_resume, progress=not args.no_progress)
+                     resume=args.resume, progress=not args.no_progress)
         h = result.history
         runs.append({"seed": seed, "test_accuracy": result.summary["final_test_accuracy"],
                      "train_seconds": float(np.sum(h["epoch_seconds"])),

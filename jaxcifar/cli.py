@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -13,7 +14,9 @@ from typing import Any
 import numpy as np
 
 from jaxcifar.data import Dataset, load_cifar
-from jaxcifar.errors import ConfigError, JaxCifarError
+from jaxcifar.errors import ConfigError, JaxCifarError, OutputError, first_line
+from jaxcifar.lock import DirectoryLock
+from jaxcifar.train.checkpoint import ResumeFrom
 from jaxcifar.train.config import TrainConfig, validate_config
 
 QUICK_TRAIN, QUICK_TEST, QUICK_EPOCHS = 5000, 1000, 3
@@ -50,6 +53,12 @@ def common_parser(description: str, *, epochs: int, batch_size: int, out: str, q
     p.add_argument("--quick", action="store_true",
                    help="a few-minute CPU version: 5000 training / 1000 test images, 3 epochs")
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out and start over")
+    p.add_argument("--resume-from-epoch", type=int, metavar="N",
+                   help="resume from the checkpoint of epoch N instead of the latest (later ones are moved into "
+                        "checkpoints/superseded/)")
+    p.add_argument("--allow-config-change", metavar="FIELDS", type=_field_list, default=(),
+                   help="resume although these fields changed (comma-separated, of learning_rate, weight_decay, "
+                        "grad_clip_norm), e.g. after a divergence with --set learning_rate=... --set grad_clip_norm=1")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--devices", type=int, default=None,
                    help="data-parallel over the first N devices (default: all); the batch must divide by N")
@@ -117,9 +126,37 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
         args.batch_size = args.quick_batch_size if args.quick else args.full_batch_size
     if args.val_size is None:
         args.val_size = args.quick_val_size if args.quick else args.full_val_size
-    elif args.val_size >= 1 or args.val_size == 0:
-        args.val_size = int(args.val_size)
+    else:
+        args.val_size = _val_size(args.val_size)
+    if not 0 <= args.seed < 2**32:
+        raise ConfigError(f"--seed {args.seed} must be an integer in [0, 2**32): e.g. --seed 0")
+    args.resume = _resume_option(args)
     return args
+
+
+def _val_size(value: float) -> int | float:
+    """``--val-size`` as the library takes it: a count (an int) or a fraction in (0, 1)."""
+    if math.isfinite(value) and 0 < value < 1:
+        return value
+    if not (math.isfinite(value) and value >= 0 and value.is_integer()):
+        raise ConfigError(f"--val-size {value:g} is neither a count nor a fraction: give a whole number of images "
+                          "(e.g. 5000) or a fraction in (0, 1) (e.g. 0.1)")
+    return int(value)
+
+
+def _field_list(text: str) -> tuple[str, ...]:
+    """``a,b`` → ``("a", "b")`` (for ``--allow-config-change``)."""
+    return tuple(f.strip() for f in text.split(",") if f.strip())
+
+
+def _resume_option(args: argparse.Namespace) -> bool | ResumeFrom:
+    """``fit``'s ``resume`` from ``--no-resume``, ``--resume-from-epoch`` and ``--allow-config-change``."""
+    special = args.resume_from_epoch is not None or args.allow_config_change
+    if args.no_resume and special:
+        raise ConfigError("--no-resume starts over: drop it to resume from an epoch or with changes")
+    if special:
+        return ResumeFrom(args.resume_from_epoch, args.allow_config_change)
+    return not args.no_resume
 
 
 def _import(module: str) -> None:
@@ -193,6 +230,24 @@ def _parsed(text: str) -> Any:
 
 
 def out_dir(args: argparse.Namespace) -> Path:
+    """Create ``--out`` and lock it for this process (call it after every flag is checked, so a bad command
+    line leaves nothing behind); a path that cannot be used is one ``OutputError`` line. The lock (kept on
+    ``args``, released when the process ends) makes a second process on the same ``--out`` stop at once."""
     path = Path(args.out)
-    path.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"--out {path} is a file: pass a directory (new or from an earlier run)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if _is_process_zero():
+            args.out_lock = DirectoryLock(path).acquire()
+    except OSError as e:
+        raise OutputError(f"cannot write into --out {path} ({first_line(e)}): pass a writable directory") from e
     return path
+
+
+def _is_process_zero() -> bool:
+    """Whether this is the first (or only) process of a job: in a multi-host job every process gets the same
+    --out, and the first one locks it."""
+    import jax
+
+    return jax.process_index() == 0

@@ -19,4 +19,26 @@ class TrainingError(JaxCifarError):
 
 
 class CheckpointError(JaxCifarError):
-    """A checkpoint is missing or does not fit the requested model."""
+    """A checkpoint is missing, damaged or does not fit the requested model."""
+
+
+class OutputError(JaxCifarError):
+    """An output directory cannot be used: not writable, not a directory, or in use by another process."""
+
+
+def warn(message: str) -> None:
+    """Print ``warning: <message>`` as one line on stderr (through tqdm, so progress bars stay intact): for
+    what jaxcifar repairs or works around by itself (a damaged cache rebuilt, a damaged checkpoint skipped)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"warning: {message}", file=sys.stderr)
+
+
+def first_line(e: BaseException, limit: int = 160) -> str:
+    """``Type: first line of the message`` of an exception, cut to ``limit`` characters: what a one-line
+    error or warning quotes of a library's multi-line message."""
+    lines = str(e).strip().splitlines()
+    text = f"{type(e).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= limit else text[:limit - 3] + "..."

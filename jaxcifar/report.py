@@ -18,6 +18,17 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     atomic_write_bytes(Path(path), lambda f: f.write(data))
 
 
+def divergence_note(labels: Sequence[str], summaries: Sequence[dict[str, Any]]) -> str:
+    """A report paragraph naming the runs that diverged (their loss became NaN/inf; training froze them there)
+    with the epoch, or ``""`` when none did."""
+    diverged = [f"{label} (epoch {s['diverged_at_epoch']})" for label, s in zip(labels, summaries, strict=True)
+                if s.get("diverged_at_epoch")]
+    if not diverged:
+        return ""
+    return ("**Diverged** (loss NaN/inf; the run was frozen there while the others trained on, and its test figures "
+            "are those of its best epoch before): " + ", ".join(diverged) + ".")
+
+
 def write_text(path: Path, text: str) -> None:
     atomic_write_bytes(Path(path), lambda f: f.write(text.encode()))
 

@@ -10,38 +10,50 @@ from pathlib import Path
 from typing import Any
 
 from jaxcifar.data import Dataset
+from jaxcifar.errors import TrainingError, warn
 from jaxcifar.report import markdown_table, plot_overlay, selection_split, write_json, write_text
-from jaxcifar.train import TrainConfig, fit
+from jaxcifar.train import ResumeFrom, TrainConfig, fit
+from jaxcifar.versions import environment
 
 HEADER = ["variant", "best val acc", "best epoch", "test acc (best-val weights)", "test acc (last epoch)",
           "train s"]
 
 
-def run_study(name: str, variants: Mapping[str, TrainConfig], data: Dataset, out: Path, *, resume: bool = True,
-              progress: bool = True, bodies: Mapping[str, Callable[[], dict[str, Any]]] | None = None,
-              intro: str = "", extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def run_study(name: str, variants: Mapping[str, TrainConfig], data: Dataset, out: Path, *,
+              resume: bool | ResumeFrom = True, progress: bool = True,
+              bodies: Mapping[str, Callable[[], dict[str, Any]]] | None = None, intro: str = "",
+              extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Train every variant into ``out/checkpoints/<variant>`` and write ``results.json``, ``report.md`` and
     ``val_accuracy.png``. ``bodies[variant]()`` returns trained variables to fine-tune from. The JSON is
-    rewritten after each variant, so an interrupted study keeps what it finished."""
+    rewritten after each variant, so an interrupted study keeps what it finished. A variant whose loss becomes
+    NaN/inf is recorded with the error (``diverged_variants``) and the study goes on with the others."""
     bodies = bodies or {}
     results: dict[str, Any] = {}
-    histories = {}
+    diverged: dict[str, Any] = {}
+    header = {"experiment": name, "data": data.source, "train_size": len(data.train), "test_size": len(data.test),
+              **(extra or {}), "environment": environment()}
     for variant, config in variants.items():
         body = bodies[variant]() if variant in bodies else None
-        r = fit(config, data, checkpoint_dir=str(out / "checkpoints" / variant), resume=resume, progress=progress,
-                body=body)
-        histories[variant] = r.history
-        results[variant] = {"config": config.to_dict(), "summary": r.summary, "history": r.history,
-                            "train_seconds": float(sum(r.history["epoch_seconds"])),
-                            "compile_seconds": r.meta["compile_seconds"], "fine_tuned": body is not None}
-        write_json(out / "results.json", {"experiment": name, "data": data.source, "train_size": len(data.train),
-                                          "test_size": len(data.test), "variants": results, **(extra or {}),
-                                          "environment": r.meta["environment"]})
+        try:
+            r = fit(config, data, checkpoint_dir=str(out / "checkpoints" / variant), resume=resume,
+                    progress=progress, body=body)
+        except TrainingError as e:
+            warn(f"variant {variant!r}: {e}")
+            diverged[variant] = {"config": config.to_dict(), "diverged": str(e)}
+        else:
+            results[variant] = {"config": config.to_dict(), "summary": r.summary, "history": r.history,
+                                "train_seconds": float(sum(r.history["epoch_seconds"])),
+                                "compile_seconds": r.meta["compile_seconds"], "fine_tuned": body is not None}
+        write_json(out / "results.json", {**header, "variants": results, "diverged_variants": diverged})
     rows = [[v, x["summary"]["best_val_accuracy"], x["summary"]["best_epoch"], x["summary"]["test_accuracy"],
              x["summary"]["final_test_accuracy"], round(x["train_seconds"])] for v, x in results.items()]
-    plot_overlay(list(histories.values()), list(histories), out / "val_accuracy.png",
-                 title=f"{name}: {selection_split(list(histories.values()))} accuracy")
+    histories = {v: x["history"] for v, x in results.items()}
+    if histories:
+        plot_overlay(list(histories.values()), list(histories), out / "val_accuracy.png",
+                     title=f"{name}: {selection_split(list(histories.values()))} accuracy")
     data_line = f"Data: {data.source}, {len(data.train)} training images, {len(data.test)} test."
-    write_text(out / "report.md", "\n\n".join([f"# {name}", intro, data_line, markdown_table(HEADER, rows),
-                                               "![validation accuracy](val_accuracy.png)"]) + "\n")
+    failed = f"**Diverged** (loss NaN/inf; see results.json): {', '.join(diverged)}." if diverged else ""
+    paragraphs = [f"# {name}", intro, data_line, markdown_table(HEADER, rows), failed,
+                  "![validation accuracy](val_accuracy.png)" if histories else ""]
+    write_text(out / "report.md", "\n\n".join(filter(None, paragraphs)) + "\n")
     return results

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -17,8 +18,8 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxcifar.data.cache import default_cache_dir, fingerprint, load_arrays, save_arrays
-from jaxcifar.errors import DataError
+from jaxcifar.data.cache import CACHE_ENV, UnreadableCache, default_cache_dir, fingerprint, load_arrays, save_arrays
+from jaxcifar.errors import DataError, first_line, warn
 
 IMAGE_SHAPE = (32, 32, 3)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -135,12 +136,37 @@ def load_cifar(
         loader = lambda: _read_tfds(name, data_dir, download)  # noqa: E731
         label = f"tfds:{name}"
     cache_file = cache_root / f"{key}.npz"
-    arrays = load_arrays(cache_file) if use_cache else None
-    if arrays is None:
-        arrays = loader()
-        if use_cache:
-            save_arrays(cache_file, arrays)
-    return _dataset_from_arrays(name, arrays, label)
+    cached = _from_cache(cache_file, name, label) if use_cache else None
+    if cached is not None:
+        return cached
+    arrays = loader()
+    dataset = _dataset_from_arrays(name, arrays, label)  # validated before it is cached
+    if use_cache:
+        _store(cache_file, arrays)
+    return dataset
+
+
+def _from_cache(cache_file: Path, name: str, label: str) -> Dataset | None:
+    """The dataset in ``cache_file``, or None when there is none or it is unusable: a file that cannot be read,
+    lacks an array or holds arrays that fail validation is reported in one warning line and rebuilt from the
+    source (which then overwrites it)."""
+    try:
+        arrays = load_arrays(cache_file)
+        return None if arrays is None else _dataset_from_arrays(name, arrays, label)
+    except (UnreadableCache, KeyError, ValueError, DataError) as e:
+        reason = str(e) if isinstance(e, UnreadableCache | DataError) else first_line(e)
+        warn(f"the cache file {cache_file} is unusable ({reason}): rebuilding it from {label}")
+        return None
+
+
+def _store(cache_file: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write the cache; when the cache directory is unusable (a file, read-only, full) say so in one warning
+    line and go on without it: the decoded data is kept either way."""
+    try:
+        save_arrays(cache_file, arrays)
+    except OSError as e:
+        warn(f"cannot write the cache {cache_file} ({first_line(e)}): going on without a cache; pass a "
+             f"writable --cache-dir (or set ${CACHE_ENV}) to load faster next time")
 
 
 def _dataset_from_arrays(name: str, a: dict[str, np.ndarray], source: str) -> Dataset:
@@ -199,9 +225,15 @@ class _Files:
         self.names = sorted(names)
 
     def read(self, name: str) -> bytes:
-        if self.zip is not None:
-            return self.zip.read(name)
-        return (self.source / name).read_bytes()
+        """The bytes of member ``name``; a damaged archive (bad CRC, truncated) or unreadable file is a
+        ``DataError``."""
+        try:
+            if self.zip is not None:
+                return self.zip.read(name)
+            return (self.source / name).read_bytes()
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+            raise DataError(f"cannot read {name} from {self.source} ({first_line(e)}): the copy is damaged; "
+                            "copy or download it again") from e
 
 
 def _find_root(names: list[str], source: Path) -> str:
@@ -231,6 +263,10 @@ def _read_image_folder(source: Path, name: str, progress: bool) -> dict[str, np.
                 if parts[1].lower().endswith(IMAGE_SUFFIXES):
                     images.append(n)
         per_split[s] = classes
+        empty = sorted(c for c, images in classes.items() if not images)
+        if empty and len(empty) < len(classes):  # all empty: "split is empty" below says it better
+            raise DataError(f"class folder(s) {empty} under {root}{s}/ in {source} hold no images: add their "
+                            f"images, or remove the folders from both splits")
     train_classes, test_classes = set(per_split["train"]), set(per_split["test"])
     if not train_classes and not test_classes:
         raise DataError(f"{source}: no images under {root}train/<class>/ or {root}test/<class>/")
@@ -270,8 +306,8 @@ def _decode(data: bytes, member: str, source: Path) -> np.ndarray:
     except Exception as e:  # PIL raises several types for damaged files
         raise DataError(f"cannot decode image {member} in {source} ({e}): replace or delete that file") from e
     if img.shape != IMAGE_SHAPE:
-        raise DataError(f"image {member} in {source} is {img.shape[1]}x{img.shape[0]}, CIFAR images are "
-                        f"32x32: resize it or remove it")
+        raise DataError(f"image {member} in {source} is {img.shape[0]}x{img.shape[1]} (height x width), CIFAR "
+                        f"images are 32x32: resize it or remove it")
     return img
 
 

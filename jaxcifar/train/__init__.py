@@ -2,7 +2,7 @@
 callbacks and metric writers, Orbax checkpoints and loading a trained model."""
 
 from jaxcifar.train.callbacks import Callback, Event, JsonlWriter, ProfileTrace, Start, TensorBoardWriter
-from jaxcifar.train.checkpoint import checkpoint_manager, load_body, restore
+from jaxcifar.train.checkpoint import ResumeFrom, checkpoint_manager, load_body, restore
 from jaxcifar.train.compilation import CompileClock, enable_compile_cache
 from jaxcifar.train.components import Components
 from jaxcifar.train.config import TrainConfig, validate_config
@@ -18,7 +18,8 @@ from jaxcifar.train.steps import StepFns, make_chunk_runner, make_evaluator
 
 __all__ = [
     "RUN_KEYS", "Callback", "CompileClock", "Components", "EpochProgram", "Event", "FitResult", "JsonlWriter",
-    "PreparedData", "ProfileTrace", "RunPlan", "Start", "StepFns", "TensorBoardWriter", "TrainConfig", "TrainState",
+    "PreparedData", "ProfileTrace", "ResumeFrom", "RunPlan", "Start", "StepFns", "TensorBoardWriter", "TrainConfig",
+    "TrainState",
     "Trained", "build", "build_program", "checkpoint_manager", "clear_program_cache", "cross_entropy",
     "enable_compile_cache", "fit", "init_state", "load_body", "load_trained", "make_chunk_runner", "make_evaluator",
     "make_optimizer", "make_plan", "make_plateau", "prepare_data", "restore", "stack_states", "unit_schedule",

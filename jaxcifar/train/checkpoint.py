@@ -4,7 +4,16 @@ and the loop's JSON metadata (history, config, versions)."""
 
 from __future__ import annotations
 
+import gc
 import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +21,8 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from jaxcifar.errors import CheckpointError, ConfigError
+from jaxcifar.data.cache import atomic_write_bytes, sha256_of
+from jaxcifar.errors import CheckpointError, ConfigError, first_line, warn
 from jaxcifar.train.config import TrainConfig
 
 SELECTION_METRICS = ("val_accuracy", "train_accuracy")  # what "best" means, named for what it measured
@@ -37,10 +47,48 @@ def checkpoint_manager(directory: str | Path, keep: int = 2) -> ocp.CheckpointMa
 
 def save(manager: ocp.CheckpointManager, epoch: int, state: Any, meta: dict[str, Any],
          metrics: dict[str, float]) -> None:
-    """Save epoch ``epoch`` with its selection metric (``{"val_accuracy": x}`` or ``{"train_accuracy": x}``)."""
+    """Save epoch ``epoch`` with its selection metric (``{"val_accuracy": x}`` or ``{"train_accuracy": x}``),
+    then record every file's size and SHA-256 beside it (:func:`verify`)."""
     manager.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                  metrics=metrics)
     manager.wait_until_finished()
+    if jax.process_index() == 0:
+        step_dir = Path(manager.directory) / str(epoch)
+        payload = json.dumps(_file_digests(step_dir)).encode()
+        atomic_write_bytes(step_dir / CHECKSUMS, lambda f: f.write(payload))
+
+
+# Sizes and SHA-256 of a checkpoint's files, written after Orbax finished it: a damaged file (truncated,
+# deleted, flipped bits, which Orbax does not always notice) is found before anything is read from it.
+CHECKSUMS = "jaxcifar_checksums.json"
+
+
+def _file_digests(step_dir: Path) -> dict[str, list[Any]]:
+    """``{relative path: [size, sha256]}`` of every file under ``step_dir`` but the checksum file."""
+    digests = {}
+    for path in sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != CHECKSUMS):
+        digests[path.relative_to(step_dir).as_posix()] = [path.stat().st_size, sha256_of(path)]
+    return digests
+
+
+def verify(directory: str | Path, step: int) -> None:
+    """Check checkpoint ``step``'s files against the checksums written when it was saved (a checkpoint without
+    them, written before they existed or killed right before, is left to Orbax's own checks); a
+    ``CheckpointError`` names the first file that is missing or changed."""
+    step_dir = Path(directory) / str(step)
+    try:
+        recorded = json.loads((step_dir / CHECKSUMS).read_text())
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {step_dir} is damaged: its checksum file cannot be read "
+                              f"({first_line(e)})") from e
+    for name, (size, digest) in sorted(recorded.items()):
+        path = step_dir / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {step_dir} is damaged: {name} is missing")
+        if path.stat().st_size != size or sha256_of(path) != digest:
+            raise CheckpointError(f"checkpoint {step_dir} is damaged: {name} changed since it was saved")
 
 
 def best_step(manager: ocp.CheckpointManager) -> int | None:
@@ -56,31 +104,149 @@ def checkpoint_step(manager: ocp.CheckpointManager, directory: str | Path, which
     return step
 
 
+# State fields added after the first checkpoints were written: a checkpoint without one restores with the
+# target's value (no moving average; never diverged).
+OPTIONAL_FIELDS = ("ema", "diverged_at")
+
+
+def read_meta(manager: ocp.CheckpointManager, directory: str | Path, step: int) -> dict[str, Any]:
+    """The JSON metadata (config, runs, histories, ...) of checkpoint ``step``; a ``CheckpointError`` when it
+    cannot be read (a damaged checkpoint)."""
+    verify(directory, step)
+    out, error = _orbax_restore(manager, step, meta=ocp.args.JsonRestore())
+    if error is not None:
+        raise CheckpointError(f"checkpoint {directory}/{step} is damaged: its metadata cannot be read ({error})")
+    meta = out.meta
+    if not isinstance(meta, dict) or "config" not in meta:
+        raise CheckpointError(f"checkpoint {directory}/{step} is damaged: its metadata records no config")
+    return meta
+
+
+def read_state(manager: ocp.CheckpointManager, directory: str | Path, step: int, target: Any,
+               fields: tuple[str, ...] | None = None) -> Any:
+    """``target`` (a state of the same structure, e.g. freshly initialized, whose shapes and shardings the
+    arrays take) with the arrays of checkpoint ``step``; with ``fields`` only those fields are read (loading
+    weights for inference needs no optimizer state, which a user's optimizer may shape differently). Fields
+    in :data:`OPTIONAL_FIELDS` that the checkpoint lacks keep ``target``'s value. A ``CheckpointError`` when
+    the arrays cannot be read or do not fit ``target``."""
+    names = fields or tuple(target.__dataclass_fields__)
+    wanted = {f: getattr(target, f) for f in names if jax.tree.leaves(getattr(target, f))}
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, wanted)
+    out, error = _orbax_restore(manager, step, state=ocp.args.PyTreeRestore(
+        abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True))
+    if error is not None:
+        raise CheckpointError(f"checkpoint {directory}/{step} is damaged or does not fit this model/config: its "
+                              f"arrays cannot be read ({error})")
+    restored = dict(out.state)
+    for name, value in restored.items():
+        if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(value)):  # not in the checkpoint
+            if name not in OPTIONAL_FIELDS:
+                raise CheckpointError(f"checkpoint {directory}/{step} lacks (part of) the state's {name!r}: it is "
+                                      "damaged or from another model")
+            restored[name] = getattr(target, name)
+    _check_shapes(restored, abstract, directory, step)
+    return target.replace(**restored)
+
+
 def restore(directory: str | Path, target: Any, which: str | int = "latest",
             fields: tuple[str, ...] | None = None) -> tuple[Any, dict[str, Any]]:
-    """Restore ``(state, meta)`` from ``directory``; ``which`` is ``'latest'``, ``'best'`` or an epoch.
-    ``target`` is a state of the same structure (e.g. freshly initialized) whose shapes and shardings
-    the restored arrays take. With ``fields`` only those fields of the state are read (the rest keep
-    ``target``'s values): loading weights for inference needs no optimizer state, which a user's optimizer
-    may shape differently. A checkpoint written before a field existed restores with ``target``'s value for it
-    when that value is empty (e.g. no moving average)."""
+    """Restore ``(state, meta)`` of one checkpoint in ``directory``: ``which`` is ``'latest'``, ``'best'`` or an
+    epoch (see :func:`read_state` for ``target`` and ``fields``)."""
     directory = Path(directory)
     if not directory.exists():
         raise CheckpointError(f"no checkpoint directory {directory}: train first or pass the right path")
     manager = checkpoint_manager(directory)
     step = checkpoint_step(manager, directory, which)
-    names = fields or tuple(f for f in target.__dataclass_fields__ if jax.tree.leaves(getattr(target, f)))
-    wanted = {f: getattr(target, f) for f in names}
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, wanted)
-    try:
-        out = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-                                         partial_restore=True), meta=ocp.args.JsonRestore()))
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"checkpoint {directory}/{step} does not fit this model/config ({e}): "
-                              f"use the config it was written with") from e
-    _check_shapes(out.state, abstract, directory, step)
-    return target.replace(**out.state), out.meta
+    meta = read_meta(manager, directory, step)
+    return read_state(manager, directory, step, target, fields), meta
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What :func:`restore_usable` found: the state and metadata of checkpoint ``step``, and the newer
+    checkpoints it ``skipped`` (``{step: why}``, each moved into ``damaged/``)."""
+
+    state: Any
+    meta: dict[str, Any]
+    step: int
+    skipped: dict[int, str]
+
+
+def restore_usable(directory: str | Path, target: Callable[[dict[str, Any], int], Any],
+                   newest: int | None = None) -> Restored | None:
+    """The newest checkpoint in ``directory`` (at most epoch ``newest``) whose files match their checksums
+    and whose arrays restore into ``target(meta, step)`` (a state; it checks the metadata and raises to refuse
+    it); None when the directory holds no checkpoint.
+
+    Each damaged checkpoint (or one ``target`` refused with ``CheckpointError``) is reported in one warning
+    line and the next older one is tried; once one restores, the damaged newer ones are moved into
+    ``directory/damaged/`` (never deleted: they may be worth inspecting, and a later save of their epoch would
+    collide with them). ``target`` raising anything else (e.g. ``ConfigError``: another config wrote it) stops
+    the search. When none is usable a one-line ``CheckpointError`` says so and nothing is moved."""
+    directory = Path(directory)
+    manager = checkpoint_manager(directory)
+    steps = sorted((s for s in manager.all_steps() if newest is None or s <= newest), reverse=True)
+    skipped: dict[int, str] = {}
+    for step in steps:
+        try:
+            meta = read_meta(manager, directory, step)
+            state = read_state(manager, directory, step, target(meta, step))
+        except CheckpointError as e:
+            skipped[step] = str(e)
+            warn(f"{e}: trying an older checkpoint")
+            continue
+        for bad in skipped:
+            warn(f"damaged checkpoint {directory}/{bad} moved to {set_aside(directory, bad, 'damaged')}")
+        return Restored(state, meta, step, skipped)
+    if skipped:
+        raise CheckpointError(f"no usable checkpoint in {directory} (all {len(skipped)} damaged, see above): move "
+                              "them away to start over, or pass --no-resume (fit: resume=False)")
+    return None
+
+
+def set_aside(directory: str | Path, step: int, folder: str) -> Path:
+    """Move checkpoint ``step`` into ``directory/folder/`` (a name Orbax does not read as a step) and return
+    its new path; a second one of the same epoch gets a numbered name."""
+    dest_dir = Path(directory) / folder
+    dest_dir.mkdir(exist_ok=True)
+    dest = dest_dir / str(step)
+    n = 1
+    while dest.exists():
+        dest = dest_dir / f"{step}.{n}"
+        n += 1
+    os.replace(Path(directory) / str(step), dest)
+    return dest
+
+
+def _orbax_restore(manager: ocp.CheckpointManager, step: int, **items: Any) -> tuple[Any, str | None]:
+    """``(restored, None)``, or ``(None, "Type: first line")`` when Orbax fails (a damaged checkpoint). Orbax is
+    silenced meanwhile: absl logs every item it was not asked for, and a failed restore leaves unfinished
+    TensorStore reads that print tracebacks (some from its threads, at the C level) when they are collected.
+    So stderr is held back for the duration: shown after a success, dropped after a failure, once the
+    leftovers are collected; the caller reports the failure as one line."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR + 10)
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            out, error = manager.restore(step, args=ocp.args.Composite(**items)), None
+        except Exception as e:  # noqa: BLE001 (Orbax and TensorStore raise many types for a damaged file)
+            out, error = None, first_line(e)
+            traceback.clear_frames(e.__traceback__)  # the frames hold the unfinished reads
+        if error is not None:
+            gc.collect()
+            time.sleep(0.05)  # TensorStore's threads report the cancelled reads
+        sys.stderr.flush()
+        os.dup2(saved_fd, 2)
+        os.close(saved_fd)
+        logger.setLevel(level)
+        if error is None:
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace"))
+    return out, error
 
 
 def _check_shapes(restored: Any, abstract: Any, directory: Path, step: int) -> None:
@@ -107,9 +273,35 @@ NOT_CHECKED_ON_RESUME = {"epochs", "early_stopping_patience", "keep_checkpoints"
                          "run_strategy", "runs_per_chunk", "devices"}
 
 
-def check_resumable(saved: dict[str, Any], meta: dict[str, Any], directory: str | Path) -> None:
+# Config fields a resume may change when asked to (ResumeFrom.allow_changes): after a divergence, continue from
+# the last good checkpoint with a lower learning rate, other weight decay or gradient clipping.
+CHANGEABLE_ON_RESUME = ("learning_rate", "weight_decay", "grad_clip_norm")
+
+
+@dataclass(frozen=True)
+class ResumeFrom:
+    """How :func:`~jaxcifar.train.fit` resumes, beyond ``resume=True`` (the latest checkpoint, same config):
+    from checkpoint ``epoch`` (later ones are moved into ``superseded/``, not deleted), and/or with the
+    config fields in ``allow_changes`` (of :data:`CHANGEABLE_ON_RESUME`) changed. The changes are recorded in
+    the result's ``meta['config_changes']``."""
+
+    epoch: int | None = None
+    allow_changes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.allow_changes) - set(CHANGEABLE_ON_RESUME))
+        if unknown:
+            raise ConfigError(f"cannot change {unknown} on resume: only {list(CHANGEABLE_ON_RESUME)} may change "
+                              "(the finished epochs would not match the others)")
+        if self.epoch is not None and (isinstance(self.epoch, bool) or self.epoch < 1):
+            raise ConfigError(f"resume from epoch {self.epoch!r}: give an epoch >= 1 that has a checkpoint")
+
+
+def check_resumable(saved: dict[str, Any], meta: dict[str, Any], directory: str | Path,
+                    allowed: Sequence[str] = ()) -> dict[str, list[Any]]:
     """Refuse a checkpoint written by another config, other runs or another model (fields added since it was
-    written compare at their defaults)."""
+    written compare at their defaults), except for changes of the ``allowed`` fields, which are returned
+    as ``{field: [checkpoint's value, this config's value]}``."""
     def config(d: dict[str, Any]) -> dict[str, Any]:
         full = TrainConfig.from_dict({k: v for k, v in d.items() if k in TrainConfig.__dataclass_fields__})
         return {k: v for k, v in _jsonable(full.to_dict()).items() if k not in NOT_CHECKED_ON_RESUME}
@@ -117,11 +309,15 @@ def check_resumable(saved: dict[str, Any], meta: dict[str, Any], directory: str 
     def model(d: dict[str, Any]) -> Any:
         return (d.get("components") or {}).get("model_repr")
 
-    same = (config(saved["config"]) == config(meta["config"]) and _jsonable(saved["runs"]) == _jsonable(meta["runs"])
-            and model(saved) == model(meta))
-    if not same:
-        raise ConfigError(f"the checkpoint in {directory} was written by a different config: use a new output "
-                          f"directory, or resume=False to start over")
+    old, new = config(saved["config"]), config(meta["config"])
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    refused = [k for k in changed if k not in allowed]
+    if refused or _jsonable(saved["runs"]) != _jsonable(meta["runs"]) or model(saved) != model(meta):
+        differs = f" (it differs in {refused})" if refused else ""
+        raise ConfigError(f"the checkpoint in {directory} was written by a different config{differs}: use a new "
+                          f"output directory, resume=False (--no-resume) to start over, or allow_changes "
+                          f"(--allow-config-change) for {list(CHANGEABLE_ON_RESUME)}")
+    return {k: [old.get(k), new.get(k)] for k in changed}
 
 
 def _jsonable(x: Any) -> Any:

@@ -8,6 +8,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from jaxcifar.data.augment import augment_names
 from jaxcifar.errors import ConfigError
 from jaxcifar.models import ACTIVATIONS, MODELS
@@ -138,6 +140,14 @@ def validate_config(c: TrainConfig, train_size: int | None = None) -> None:
            f"learning rate {c.learning_rate} must be > 0: e.g. 1e-3")
     _check(c.weight_decay >= 0, f"weight decay {c.weight_decay} must be >= 0")
     _check(0.0 <= c.momentum < 1.0, f"momentum {c.momentum} must be in [0, 1)")
+    _check(0.0 <= c.b1 < 1.0 and 0.0 <= c.b2 < 1.0, f"Adam's b1 {c.b1} and b2 {c.b2} must be in [0, 1): e.g. "
+           "0.9 and 0.999")
+    for name in ("seed", "split_seed"):
+        value = getattr(c, name)
+        _check(value is None or (_is_int(value) and 0 <= value < 2**32),
+               f"{name} {value!r} must be an integer in [0, 2**32): e.g. 0")
+    _check(_is_valid_val_size(c.val_size), f"val_size {c.val_size!r} must be a count (0, 1000, ...) or a fraction "
+           "in (0, 1): e.g. --val-size 5000 or 0.1")
     _check(0.0 <= c.label_smoothing < 1.0, f"label smoothing {c.label_smoothing} must be in [0, 1)")
     _check(c.grad_clip_norm is None or c.grad_clip_norm > 0, "grad_clip_norm must be > 0 or None")
     _check(c.epochs >= 1, f"epochs {c.epochs} must be >= 1")
@@ -166,6 +176,19 @@ def validate_config(c: TrainConfig, train_size: int | None = None) -> None:
     if train_size is not None:
         _check(c.batch_size <= train_size,
                f"batch size {c.batch_size} is larger than the training split ({train_size}): lower --batch-size")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int | np.integer) and not isinstance(x, bool)
+
+
+def _is_valid_val_size(v: Any) -> bool:
+    """A count (an integer >= 0; a float with an integer value counts) or a fraction in (0, 1)."""
+    if _is_int(v):
+        return v >= 0
+    if not isinstance(v, float) or not math.isfinite(v):
+        return False
+    return (v.is_integer() and v >= 0) or 0.0 < v < 1.0
 
 
 def _check_augment_item(item: Any) -> None:

@@ -10,6 +10,7 @@ dropout, data order, augmentation) and hyper-parameters, all trained at once in 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
@@ -24,17 +25,19 @@ from tqdm.auto import tqdm
 
 from jaxcifar.data import Dataset
 from jaxcifar.errors import ConfigError, TrainingError
+from jaxcifar.lock import DirectoryLock
 from jaxcifar.train import checkpoint as ckpt
 from jaxcifar.train.callbacks import Callback, CallbackList, EpochHook, Event, JsonlWriter, Start, TensorBoardWriter
-from jaxcifar.train.checkpoint import check_resumable
+from jaxcifar.train.checkpoint import ResumeFrom
 from jaxcifar.train.compilation import CompileClock
 from jaxcifar.train.components import Components, LossFn, MetricsFn, TxFactory, check_components
 from jaxcifar.train.config import TrainConfig, validate_config
 from jaxcifar.train.group import Group
-from jaxcifar.train.history import append_epoch, interval_means, interval_points, last_epoch, new_history, summary
+from jaxcifar.train.history import append_epoch, interval_means, interval_points, last_epoch, summary
 from jaxcifar.train.parallel import replicate
 from jaxcifar.train.plan import RunPlan, halving_group_size, make_plan
 from jaxcifar.train.program import PROGRAMS, EpochProgram, build_program, program_key
+from jaxcifar.train.resume import restore_group
 from jaxcifar.train.runs import concat_runs, memory_budget
 from jaxcifar.train.setup import PreparedData, build, init_state, prepare_data
 from jaxcifar.train.state import TrainState, stack_states
@@ -75,7 +78,7 @@ def fit(
     *,
     runs: Sequence[dict[str, Any]] | None = None,
     checkpoint_dir: str | None = None,
-    resume: bool = True,
+    resume: bool | ResumeFrom = True,
     progress: bool = True,
     on_epoch_end: EpochHookFn | None = None,
     body: dict[str, Any] | None = None,
@@ -96,9 +99,13 @@ def fit(
     and ``metrics_fn(logits, labels)`` (extra per-example metrics, kept in the histories); the protocol is in
     :mod:`jaxcifar.train.components`.
 
-    Checkpoints into ``checkpoint_dir`` every ``config.checkpoint_every`` epochs and after the last (one
-    sub-directory per group of runs when there are several groups) and resumes from the latest checkpoint
-    when ``resume``. ``callbacks`` (see :mod:`jaxcifar.train.callbacks`) are called every ``log_every`` steps and
+    Checkpoints into ``checkpoint_dir`` (locked against a second process while training) every
+    ``config.checkpoint_every`` epochs and after the last (one sub-directory per group of runs when there are
+    several groups) and resumes from the newest usable checkpoint when ``resume`` (damaged ones are skipped
+    and moved aside); ``resume=ResumeFrom(epoch, allow_changes)`` resumes from an earlier epoch and/or with a
+    changed learning rate, weight decay or clipping. A run whose loss becomes NaN/inf stops a single-run fit
+    with an error saying how to go on; in a sweep it is frozen (``diverged_at_epoch`` in its summary) and the
+    other runs finish. ``callbacks`` (see :mod:`jaxcifar.train.callbacks`) are called every ``log_every`` steps and
     every epoch; ``metrics.jsonl`` (and with ``tensorboard`` TensorBoard event files, one directory per run) is
     written into ``log_dir`` (default ``checkpoint_dir``). ``on_epoch_end(epoch, histories)`` is called after
     every epoch (after its checkpoint, if it has one, is saved). ``body`` (trained ``{"params",
@@ -107,24 +114,30 @@ def fit(
     """
     components = Components(model, tx, loss_fn, metrics_fn)
     run_list = _checked_runs(config, runs, components)
+    if isinstance(resume, ResumeFrom) and resume.allow_changes and tx is not None:
+        raise ConfigError("resume with allow_changes needs the built-in optimizer (it injects the learning rate and "
+                          "weight decay); with your own tx, start over or restore its state yourself")
     data = _prepared(dataset, config, per_run_split=runs is not None and config.split_per_run)
     validate_config(config, train_size=data.train_size)
     plan = make_plan(config, len(run_list), runs is not None, data.train_size)
     data = _placed(data, plan)
     key = program_key(config, data, plan, components)
     steps = PROGRAMS.get(("steps", key), lambda: build(config, data, plan.data_mesh, components))
-    size = plan.group_size or _group_size_that_fits(config, data, steps, plan, key, run_list)
     writers = [*callbacks, *_writers(log_dir or checkpoint_dir, tensorboard)]
     results: list[FitResult] = []
-    for members in plan.groups(size):
-        program = _program(config, data, steps, plan, key, len(members))
-        group_dir = _group_dir(checkpoint_dir, members, plan.n_runs, size)
-        done = [h for r in results for h in r.histories]
-        hooks = CallbackList(writers + ([EpochHook(on_epoch_end, done)] if on_epoch_end else []))
-        with CompileClock() as init:
-            group = Group.start(config, data, steps, program, plan, list(members), run_list, group_dir, body,
-                                 components)
-        results.append(train_group(group, resume, progress, hooks, init))
+    # one lock per job: in a multi-host job every process writes into the same directory, with Orbax's coordination
+    locked = checkpoint_dir is not None and jax.process_index() == 0
+    with DirectoryLock(checkpoint_dir) if locked else contextlib.nullcontext():
+        size = plan.group_size or _group_size_that_fits(config, data, steps, plan, key, run_list)
+        for members in plan.groups(size):
+            program = _program(config, data, steps, plan, key, len(members))
+            group_dir = _group_dir(checkpoint_dir, members, plan.n_runs, size)
+            done = [h for r in results for h in r.histories]
+            hooks = CallbackList(writers + ([EpochHook(on_epoch_end, done)] if on_epoch_end else []))
+            with CompileClock() as init:
+                group = Group.start(config, data, steps, program, plan, list(members), run_list, group_dir, body,
+                                     components)
+            results.append(train_group(group, resume, progress, hooks, init))
     return _merged(config, run_list, plan, size, steps, results)
 
 
@@ -198,15 +211,16 @@ def _group_dir(checkpoint_dir: str | None, members: range, n_runs: int, size: in
     return f"{checkpoint_dir}/runs_{members[0]:04d}-{members[-1]:04d}"
 
 
-def train_group(g: Group, resume: bool, progress: bool, callbacks: CallbackList | None = None,
+def train_group(g: Group, resume: bool | ResumeFrom, progress: bool, callbacks: CallbackList | None = None,
                 init: CompileClock | None = None) -> FitResult:
     """Train one group of runs: restore or start, compile, run the epochs, summarize. ``init`` timed the
     group's initialization; it counts into the start-up figures."""
     init = init or CompileClock()
     callbacks = callbacks or CallbackList([])
     with CompileClock() as compiles:
+        state, histories, changes = restore_group(g, resume, progress)
+        # created after the restore, which may have moved damaged or superseded checkpoints aside
         manager = ckpt.checkpoint_manager(g.checkpoint_dir, g.config.keep_checkpoints) if g.checkpoint_dir else None
-        state, histories = _restored(g, manager, resume, progress)
         start_epoch = int(np.max(jax.device_get(state.epoch)))
         if start_epoch < g.config.epochs:
             g.program.precompile(state, g.data, g.train_index, g.eval_plans)
@@ -217,9 +231,10 @@ def train_group(g: Group, resume: bool, progress: bool, callbacks: CallbackList 
     with CompileClock() as later:
         for epoch in range(start_epoch + 1, g.config.epochs + 1):
             state = _epoch(g, state, epoch, histories, progress, callbacks)
-            stop = _should_stop(g.config, state, epoch)
+            diverged = _check_divergence(g, state, epoch, manager, progress)
+            stop = _should_stop(g.config, state, epoch) or bool(diverged.all())
             if manager is not None and (stop or _saves(g.config, epoch)):
-                ckpt.save(manager, epoch, state, {**g.meta, "histories": histories},
+                ckpt.save(manager, epoch, state, {**g.meta, "histories": histories, "config_changes": changes},
                           _selection_metrics(g, histories))
             callbacks.on_epoch(Event("epoch", epoch, epoch * g.steps_per_epoch, g.run_ids,
                                      [last_epoch(h) for h in histories], state, histories))
@@ -227,20 +242,8 @@ def train_group(g: Group, resume: bool, progress: bool, callbacks: CallbackList 
                 break
         summaries = _summaries(g, state, histories)
     callbacks.on_end(start)
-    meta = {**g.meta, **startup, "epoch_compilations": later.compiles}
+    meta = {**g.meta, **startup, "epoch_compilations": later.compiles, "config_changes": changes}
     return FitResult(g.config, g.runs, histories, summaries, state, None, g.meta["run_axis"], meta)
-
-
-def _restored(g: Group, manager: Any, resume: bool, progress: bool) -> tuple[TrainState, list[dict[str, Any]]]:
-    """The latest checkpoint's state and histories (when resuming and there is one), else a fresh start."""
-    if manager is None or not resume or manager.latest_step() is None:
-        return g.initial, [new_history() for _ in g.runs]
-    state, saved = ckpt.restore(g.checkpoint_dir, g.initial, "latest")
-    check_resumable(saved, g.meta, g.checkpoint_dir)
-    if progress:
-        tqdm.write(f"resuming after epoch {int(np.max(jax.device_get(state.epoch)))} from {g.checkpoint_dir} "
-                   "(--no-resume starts over)")
-    return state, saved["histories"]
 
 
 def _epoch(g: Group, state: TrainState, epoch: int, histories: list[dict[str, Any]], progress: bool,
@@ -252,12 +255,10 @@ def _epoch(g: Group, state: TrainState, epoch: int, histories: list[dict[str, An
         val = g.evaluate(g.program.evaluate_val, state, "val")
     else:  # the selection metric falls back to the epoch's training figures
         val = {"loss": train_m["loss"].mean(-1), "accuracy": train_m["accuracy"].mean(-1)}
-    if not (np.isfinite(train_m["loss"]).all() and np.isfinite(val["loss"]).all()):
-        where = f"; last good checkpoint kept in {g.checkpoint_dir}" if g.checkpoint_dir else ""
-        raise TrainingError(f"loss became NaN/inf in epoch {epoch}: lower the learning rate or set "
-                            f"grad_clip_norm{where}")
     ema_val = g.evaluate(g.program.evaluate_ema_val, state, "val") if g.has_val and g.has_ema else None
-    state = g.program.end_epoch(state, _per_run(g, val["loss"]), _per_run(g, val["accuracy"]))
+    # a run whose training loss went NaN/inf diverged even if its validation loss is finite: end_epoch marks it
+    closing_loss = np.where(np.isfinite(train_m["loss"]).all(-1), val["loss"], np.nan)
+    state = g.program.end_epoch(state, _per_run(g, closing_loss), _per_run(g, val["accuracy"]))
     lrs = np.asarray(jax.device_get(g.program.current_lr(state))).reshape(len(g.runs))
     seconds = time.perf_counter() - t0
     for r, h in enumerate(histories):
@@ -334,6 +335,33 @@ def _print_epoch(g: Group, epoch: int, train_m: dict[str, Any], val: dict[str, A
     tqdm.write(line + f"{seconds:.1f}s")
 
 
+def _check_divergence(g: Group, state: TrainState, epoch: int, manager: Any, progress: bool) -> np.ndarray:
+    """Which runs have diverged (bool [runs]). A single run that diverged in ``epoch`` stops training with
+    an error saying how to go on; in a sweep each newly diverged run is reported in one line and stays frozen
+    while the others train on."""
+    diverged_at = np.asarray(jax.device_get(state.diverged_at)).reshape(len(g.runs))
+    newly = [r for r in range(len(g.runs)) if diverged_at[r] == epoch]
+    if newly and not g.meta["run_axis"]:
+        raise TrainingError(f"the loss became NaN/inf in epoch {epoch}: {_how_to_go_on(g, manager)}")
+    for r in newly:
+        if progress:
+            tqdm.write(f"run {g.run_ids[r]} {g.runs[r]} diverged (NaN/inf) in epoch {epoch}: its weights are "
+                       "frozen at their last finite values; the other runs go on")
+    return diverged_at > 0
+
+
+def _how_to_go_on(g: Group, manager: Any) -> str:
+    """The advice after a single run diverged: continue from its last checkpoint with a lower learning
+    rate or gradient clipping, or start over with them when it has none."""
+    last = manager.latest_step() if manager is not None else None
+    if last is None:
+        return ("no checkpoint was saved before it; lower the learning rate or set grad_clip_norm and start "
+                "over (--set learning_rate=... / --set grad_clip_norm=1)")
+    return (f"the last good checkpoint is epoch {last} in {g.checkpoint_dir}; go on from it with a lower learning "
+            f"rate or gradient clipping: rerun with --allow-config-change learning_rate,grad_clip_norm --set "
+            f"learning_rate=... (fit: resume=ResumeFrom(allow_changes=(...)))")
+
+
 def _saves(config: TrainConfig, epoch: int) -> bool:
     """Whether epoch ``epoch`` is checkpointed: every ``checkpoint_every`` epochs and the last one."""
     return epoch % config.checkpoint_every == 0 or epoch == config.epochs
@@ -343,15 +371,18 @@ def _selection_metrics(g: Group, histories: list[dict[str, Any]]) -> dict[str, f
     """The checkpoint's selection metric, named for what it is: the mean over runs of the last epoch's
     ``val_accuracy``, or ``train_accuracy`` without a validation split."""
     key = "val_accuracy" if g.has_val else "train_accuracy"
-    return {key: float(np.mean([h[key][-1] for h in histories]))}
+    values = [h[key][-1] for h in histories if h[key][-1] is not None]
+    return {key: float(np.mean(values)) if values else 0.0}
 
 
 def _should_stop(config: TrainConfig, state: TrainState, epoch: int) -> bool:
-    """Early stopping: every run went ``early_stopping_patience`` epochs without a better selection metric."""
+    """Early stopping: every run went ``early_stopping_patience`` epochs without a better selection metric
+    (or diverged)."""
     if not config.early_stopping_patience:
         return False
     best_epochs = np.asarray(jax.device_get(state.best_epoch))
-    return bool(np.all(epoch - best_epochs >= config.early_stopping_patience))
+    diverged = np.asarray(jax.device_get(state.diverged_at)) > 0
+    return bool(np.all((epoch - best_epochs >= config.early_stopping_patience) | diverged))
 
 
 def _summaries(g: Group, state: TrainState, histories: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -365,8 +396,10 @@ def _summaries(g: Group, state: TrainState, histories: list[dict[str, Any]]) -> 
     same = np.array_equal(best_ep, last_ep)  # the best weights are the last ones: no second evaluation
     test_best = test_final if same else g.evaluate(g.program.evaluate_best, state, "test")
     test_ema = g.evaluate(g.program.evaluate_ema, state, "test") if g.has_ema else None
+    diverged_at = np.asarray(jax.device_get(state.diverged_at)).reshape(n)
     return [summary(float(best_acc[r]), int(best_ep[r]), g.has_val, _run_figures(test_best, r),
-                    _run_figures(test_final, r), test_ema and _run_figures(test_ema, r), len(histories[r]["epoch"]))
+                    _run_figures(test_final, r), test_ema and _run_figures(test_ema, r), len(histories[r]["epoch"]),
+                    int(diverged_at[r]))
             for r in range(n)]
 
 

@@ -9,7 +9,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from jaxcifar.data.checks import checked_images
 from jaxcifar.errors import CheckpointError
@@ -49,11 +48,6 @@ class Trained:
         return self.probabilities(images, batch_size).argmax(-1)
 
 
-def read_meta(directory: str | Path, step: int) -> dict[str, Any]:
-    manager = ckpt.checkpoint_manager(directory)
-    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-
-
 WEIGHT_FIELDS = ("params", "batch_stats", "best_params", "best_batch_stats", "best_epoch", "epoch")
 
 
@@ -71,8 +65,9 @@ def load_trained(directory: str | Path, which: str | int = "best", run: int = 0,
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"no checkpoint directory {directory}: train first or pass the right path")
-    step = ckpt.checkpoint_step(ckpt.checkpoint_manager(directory), directory, which)
-    meta = read_meta(directory, step)
+    manager = ckpt.checkpoint_manager(directory)
+    step = ckpt.checkpoint_step(manager, directory, which)
+    meta = ckpt.read_meta(manager, directory, step)
     num_classes = meta.get("num_classes", num_classes)
     if num_classes is None:
         raise CheckpointError(f"{directory} does not record its class count: pass num_classes")

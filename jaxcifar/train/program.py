@@ -101,7 +101,7 @@ def build_program(config: TrainConfig, data: PreparedData, steps: StepFns, plan:
         idx = idx if train_index is None else train_index[idx]
         return tuple(idx[lo:end] for lo, end in bounds)
 
-    runner = make_chunk_runner(steps, unroll=True if plan.loop == "unrolled" else 1)
+    runner = make_chunk_runner(steps, unroll=True if plan.loop == "unrolled" else 1, freeze_diverged=plan.run_axis)
     per_run_val = 0 if data.per_run_val else None
     return EpochProgram(
         run_chunk=jax.jit(vm(runner, (0, None, None, 0)), donate_argnums=0),
