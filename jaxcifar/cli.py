@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from jaxcifar.data import Dataset, load_cifar
 from jaxcifar.errors import ConfigError, JaxCifarError, OutputError, first_line
 from jaxcifar.lock import DirectoryLock
 from jaxcifar.train.checkpoint import ResumeFrom
-from jaxcifar.train.config import TrainConfig, validate_config
+from jaxcifar.train.config import TrainConfig, valid_seed, valid_val_size, validate_config
 
 QUICK_TRAIN, QUICK_TEST, QUICK_EPOCHS = 5000, 1000, 3
 
@@ -128,7 +127,7 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
         args.val_size = args.quick_val_size if args.quick else args.full_val_size
     else:
         args.val_size = _val_size(args.val_size)
-    if not 0 <= args.seed < 2**32:
+    if not valid_seed(args.seed):
         raise ConfigError(f"--seed {args.seed} must be an integer in [0, 2**32): e.g. --seed 0")
     args.resume = _resume_option(args)
     return args
@@ -136,12 +135,10 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
 
 def _val_size(value: float) -> int | float:
     """``--val-size`` as the library takes it: a count (an int) or a fraction in (0, 1)."""
-    if math.isfinite(value) and 0 < value < 1:
-        return value
-    if not (math.isfinite(value) and value >= 0 and value.is_integer()):
+    if not valid_val_size(value):
         raise ConfigError(f"--val-size {value:g} is neither a count nor a fraction: give a whole number of images "
                           "(e.g. 5000) or a fraction in (0, 1) (e.g. 0.1)")
-    return int(value)
+    return value if 0 < value < 1 else int(value)
 
 
 def _field_list(text: str) -> tuple[str, ...]:

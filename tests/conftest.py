@@ -85,6 +85,11 @@ def tiny() -> object:
     return synthetic_cifar(512, 128, 10, seed=0, noise=60.0)
 
 
+def strip_times(histories):
+    """Histories without the wall-clock ``epoch_seconds``, for comparing runs' figures exactly."""
+    return [{k: v for k, v in h.items() if k != "epoch_seconds"} for h in histories]
+
+
 def steps_on_one_batch(config, dataset, steps: int = 8):
     """Train ``steps`` jitted steps of ``config`` on the first batch of ``dataset``; return ``(fns, state,
     losses)``."""

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import steps_on_one_batch
+from conftest import steps_on_one_batch, strip_times
 
 from jaxcifar.errors import ConfigError
 from jaxcifar.layers import BatchNorm
@@ -21,10 +21,6 @@ from jaxcifar.train.plan import compute_dtype, require_accelerator
 # A small ConvNet keeps the rolled scan affordable on CPU (XLA:CPU runs its backward convolutions slowly).
 SMALL = TrainConfig(epochs=2, batch_size=32, val_size=64, learning_rate=0.01, log_every=3, unroll=4,
                     eval_batch_size=64, model_kwargs={"channels": ((8,), (16,)), "dense": (32,)})
-
-
-def strip_times(histories):
-    return [{k: v for k, v in h.items() if k != "epoch_seconds"} for h in histories]
 
 
 def test_scan_equals_unrolled_chunks(tiny, monkeypatch):

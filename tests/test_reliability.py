@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_image_folder, zip_tree
+from conftest import strip_times, write_image_folder, zip_tree
 
 from jaxcifar import cli
 from jaxcifar.data import load_cifar
@@ -25,10 +25,6 @@ from jaxcifar.train.history import history_problem
 
 FAST = TrainConfig(epochs=3, batch_size=32, val_size=64, learning_rate=0.01, log_every=4, unroll=2,
                    eval_batch_size=64, keep_checkpoints=5)
-
-
-def strip_times(histories):
-    return [{k: v for k, v in h.items() if k != "epoch_seconds"} for h in histories]
 
 
 @pytest.fixture(scope="module")

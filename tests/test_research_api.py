@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import strip_times
 
 from jaxcifar.data import make_pipeline, register_augmentation
 from jaxcifar.data.mix import cutmix, mixup
@@ -58,10 +59,6 @@ def top3(logits, labels):
 
 
 ADAMW = optax.inject_hyperparams(optax.adamw)(learning_rate=3e-3, weight_decay=1e-4)
-
-
-def strip_times(histories):
-    return [{k: v for k, v in h.items() if k != "epoch_seconds"} for h in histories]
 
 
 class Interrupt(Exception):

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import steps_on_one_batch
+from conftest import steps_on_one_batch, strip_times
 
 from jaxcifar.errors import CheckpointError, ConfigError, DataError, TrainingError
 from jaxcifar.train import (
@@ -25,10 +25,6 @@ from jaxcifar.train.predict import load_trained
 
 FAST = TrainConfig(epochs=2, batch_size=32, val_size=64, learning_rate=0.01, log_every=4, unroll=2,
                    eval_batch_size=64)
-
-
-def strip_times(histories):
-    return [{k: v for k, v in h.items() if k != "epoch_seconds"} for h in histories]
 
 
 def test_loss_falls_within_a_few_steps(tiny):

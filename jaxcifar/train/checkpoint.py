@@ -163,13 +163,11 @@ def restore(directory: str | Path, target: Any, which: str | int = "latest",
 
 @dataclass(frozen=True)
 class Restored:
-    """What :func:`restore_usable` found: the state and metadata of checkpoint ``step``, and the newer
-    checkpoints it ``skipped`` (``{step: why}``, each moved into ``damaged/``)."""
+    """What :func:`restore_usable` found: the state and metadata of checkpoint ``step``."""
 
     state: Any
     meta: dict[str, Any]
     step: int
-    skipped: dict[int, str]
 
 
 def restore_usable(directory: str | Path, target: Callable[[dict[str, Any], int], Any],
@@ -186,18 +184,18 @@ def restore_usable(directory: str | Path, target: Callable[[dict[str, Any], int]
     directory = Path(directory)
     manager = checkpoint_manager(directory)
     steps = sorted((s for s in manager.all_steps() if newest is None or s <= newest), reverse=True)
-    skipped: dict[int, str] = {}
+    skipped: list[int] = []
     for step in steps:
         try:
             meta = read_meta(manager, directory, step)
             state = read_state(manager, directory, step, target(meta, step))
         except CheckpointError as e:
-            skipped[step] = str(e)
+            skipped.append(step)
             warn(f"{e}: trying an older checkpoint")
             continue
         for bad in skipped:
             warn(f"damaged checkpoint {directory}/{bad} moved to {set_aside(directory, bad, 'damaged')}")
-        return Restored(state, meta, step, skipped)
+        return Restored(state, meta, step)
     if skipped:
         raise CheckpointError(f"no usable checkpoint in {directory} (all {len(skipped)} damaged, see above): move "
                               "them away to start over, or pass --no-resume (fit: resume=False)")
@@ -303,8 +301,7 @@ def check_resumable(saved: dict[str, Any], meta: dict[str, Any], directory: str 
     written compare at their defaults), except for changes of the ``allowed`` fields, which are returned
     as ``{field: [checkpoint's value, this config's value]}``."""
     def config(d: dict[str, Any]) -> dict[str, Any]:
-        full = TrainConfig.from_dict({k: v for k, v in d.items() if k in TrainConfig.__dataclass_fields__})
-        return {k: v for k, v in _jsonable(full.to_dict()).items() if k not in NOT_CHECKED_ON_RESUME}
+        return {k: v for k, v in _jsonable(saved_config(d).to_dict()).items() if k not in NOT_CHECKED_ON_RESUME}
 
     def model(d: dict[str, Any]) -> Any:
         return (d.get("components") or {}).get("model_repr")
@@ -318,6 +315,12 @@ def check_resumable(saved: dict[str, Any], meta: dict[str, Any], directory: str 
                           f"output directory, resume=False (--no-resume) to start over, or allow_changes "
                           f"(--allow-config-change) for {list(CHANGEABLE_ON_RESUME)}")
     return {k: [old.get(k), new.get(k)] for k in changed}
+
+
+def saved_config(recorded: dict[str, Any]) -> TrainConfig:
+    """The config a checkpoint recorded, with the fields added since at their defaults (and fields it
+    records that no longer exist left out)."""
+    return TrainConfig.from_dict({k: v for k, v in recorded.items() if k in TrainConfig.__dataclass_fields__})
 
 
 def _jsonable(x: Any) -> Any:

@@ -144,9 +144,8 @@ def validate_config(c: TrainConfig, train_size: int | None = None) -> None:
            "0.9 and 0.999")
     for name in ("seed", "split_seed"):
         value = getattr(c, name)
-        _check(value is None or (_is_int(value) and 0 <= value < 2**32),
-               f"{name} {value!r} must be an integer in [0, 2**32): e.g. 0")
-    _check(_is_valid_val_size(c.val_size), f"val_size {c.val_size!r} must be a count (0, 1000, ...) or a fraction "
+        _check(value is None or valid_seed(value), f"{name} {value!r} must be an integer in [0, 2**32): e.g. 0")
+    _check(valid_val_size(c.val_size), f"val_size {c.val_size!r} must be a count (0, 1000, ...) or a fraction "
            "in (0, 1): e.g. --val-size 5000 or 0.1")
     _check(0.0 <= c.label_smoothing < 1.0, f"label smoothing {c.label_smoothing} must be in [0, 1)")
     _check(c.grad_clip_norm is None or c.grad_clip_norm > 0, "grad_clip_norm must be > 0 or None")
@@ -182,7 +181,12 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int | np.integer) and not isinstance(x, bool)
 
 
-def _is_valid_val_size(v: Any) -> bool:
+def valid_seed(v: Any) -> bool:
+    """An integer in [0, 2**32) (what both JAX's and NumPy's seeding take)."""
+    return _is_int(v) and 0 <= v < 2**32
+
+
+def valid_val_size(v: Any) -> bool:
     """A count (an integer >= 0; a float with an integer value counts) or a fraction in (0, 1)."""
     if _is_int(v):
         return v >= 0

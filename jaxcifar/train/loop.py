@@ -232,7 +232,7 @@ def train_group(g: Group, resume: bool | ResumeFrom, progress: bool, callbacks: 
         for epoch in range(start_epoch + 1, g.config.epochs + 1):
             state = _epoch(g, state, epoch, histories, progress, callbacks)
             diverged = _check_divergence(g, state, epoch, manager, progress)
-            stop = _should_stop(g.config, state, epoch) or bool(diverged.all())
+            stop = _should_stop(g.config, state, epoch, diverged)
             if manager is not None and (stop or _saves(g.config, epoch)):
                 ckpt.save(manager, epoch, state, {**g.meta, "histories": histories, "config_changes": changes},
                           _selection_metrics(g, histories))
@@ -345,8 +345,8 @@ def _check_divergence(g: Group, state: TrainState, epoch: int, manager: Any, pro
         raise TrainingError(f"the loss became NaN/inf in epoch {epoch}: {_how_to_go_on(g, manager)}")
     for r in newly:
         if progress:
-            tqdm.write(f"run {g.run_ids[r]} {g.runs[r]} diverged (NaN/inf) in epoch {epoch}: its weights are "
-                       "frozen at their last finite values; the other runs go on")
+            tqdm.write(f"run {g.run_ids[r]} {g.runs[r]} diverged (NaN/inf) in epoch {epoch}: its weights get no "
+                       "further updates; the other runs go on")
     return diverged_at > 0
 
 
@@ -371,17 +371,17 @@ def _selection_metrics(g: Group, histories: list[dict[str, Any]]) -> dict[str, f
     """The checkpoint's selection metric, named for what it is: the mean over runs of the last epoch's
     ``val_accuracy``, or ``train_accuracy`` without a validation split."""
     key = "val_accuracy" if g.has_val else "train_accuracy"
-    values = [h[key][-1] for h in histories if h[key][-1] is not None]
-    return {key: float(np.mean(values)) if values else 0.0}
+    return {key: float(np.mean([h[key][-1] for h in histories]))}
 
 
-def _should_stop(config: TrainConfig, state: TrainState, epoch: int) -> bool:
-    """Early stopping: every run went ``early_stopping_patience`` epochs without a better selection metric
-    (or diverged)."""
+def _should_stop(config: TrainConfig, state: TrainState, epoch: int, diverged: np.ndarray) -> bool:
+    """Stop when every run diverged (bool [runs]), or with early stopping when every run went
+    ``early_stopping_patience`` epochs without a better selection metric (or diverged)."""
+    if diverged.all():
+        return True
     if not config.early_stopping_patience:
         return False
-    best_epochs = np.asarray(jax.device_get(state.best_epoch))
-    diverged = np.asarray(jax.device_get(state.diverged_at)) > 0
+    best_epochs = np.asarray(jax.device_get(state.best_epoch)).reshape(diverged.shape)
     return bool(np.all((epoch - best_epochs >= config.early_stopping_patience) | diverged))
 
 

@@ -13,7 +13,6 @@ from tqdm.auto import tqdm
 from jaxcifar.errors import CheckpointError
 from jaxcifar.train import checkpoint as ckpt
 from jaxcifar.train.checkpoint import ResumeFrom, check_resumable
-from jaxcifar.train.config import TrainConfig
 from jaxcifar.train.group import Group
 from jaxcifar.train.history import history_problem, new_history
 from jaxcifar.train.optim import make_optimizer
@@ -34,7 +33,7 @@ def restore_group(g: Group, resume: bool | ResumeFrom, progress: bool
         return fresh
     how = resume if isinstance(resume, ResumeFrom) else ResumeFrom()
     if how.epoch is not None:
-        _supersede_after(g.checkpoint_dir, how.epoch)
+        _require_epoch(g.checkpoint_dir, how.epoch)
     changes: dict[str, list[Any]] = {}
 
     def target(saved: dict[str, Any], step: int) -> TrainState:
@@ -50,6 +49,7 @@ def restore_group(g: Group, resume: bool | ResumeFrom, progress: bool
     found = ckpt.restore_usable(g.checkpoint_dir, target, how.epoch)
     if found is None:
         return fresh
+    _supersede_after(g.checkpoint_dir, found.step)  # only once the checkpoint restored and fits this config
     state = _with_changes(g, found.state, changes) if changes else found.state
     history_of_changes = list(found.meta.get("config_changes", []))
     if changes:
@@ -71,15 +71,19 @@ def _histories_problem(histories: Any, step: int, n_runs: int) -> str | None:
     return None
 
 
+def _require_epoch(directory: str, epoch: int) -> None:
+    """Resuming from ``epoch`` needs its checkpoint: a one-line error naming those there are otherwise."""
+    steps = ckpt.checkpoint_manager(directory).all_steps() if Path(directory).is_dir() else []
+    if epoch not in steps:
+        raise CheckpointError(f"no checkpoint of epoch {epoch} in {directory} (have {steps}): pick one of those")
+
+
 def _supersede_after(directory: str, epoch: int) -> None:
-    """Resuming from ``epoch`` (0: starting over): move the later checkpoints into ``superseded/`` (kept, not
+    """Going on from ``epoch`` (0: starting over): move the later checkpoints into ``superseded/`` (kept, not
     deleted; the run writes its own epochs in their place, and a later resume must not find the old ones)."""
     if not Path(directory).is_dir():
         return
     manager = ckpt.checkpoint_manager(directory)
-    if epoch and epoch not in manager.all_steps():
-        raise CheckpointError(f"no checkpoint of epoch {epoch} in {directory} (have {manager.all_steps()}): pick "
-                              "one of those")
     for step in manager.all_steps():
         if step > epoch:
             tqdm.write(f"{f'resuming from epoch {epoch}' if epoch else 'starting over'}: checkpoint {step} moved "
@@ -89,7 +93,7 @@ def _supersede_after(directory: str, epoch: int) -> None:
 def _shaped_like_checkpoint(g: Group, saved_config: dict[str, Any]) -> TrainState:
     """The state to restore into: the group's fresh state, whose optimizer state is shaped like the
     checkpoint's when gradient clipping was switched on or off since (the chain gains or loses a step)."""
-    old = TrainConfig.from_dict({k: v for k, v in saved_config.items() if k in TrainConfig.__dataclass_fields__})
+    old = ckpt.saved_config(saved_config)
     if bool(old.grad_clip_norm) == bool(g.config.grad_clip_norm):
         return g.initial
     tx = make_optimizer(old, g.steps_per_epoch)
@@ -106,8 +110,7 @@ def _with_changes(g: Group, state: TrainState, changes: dict[str, list[Any]]) ->
     learning rate / weight decay."""
     fresh = g.initial.opt_state
     leaves, fresh_leaves = jax.tree.leaves(state.opt_state), jax.tree.leaves(fresh)
-    shapes = [x.shape for x in leaves] == [x.shape for x in fresh_leaves]
-    if not shapes:
+    if [x.shape for x in leaves] != [x.shape for x in fresh_leaves]:
         raise CheckpointError(f"the optimizer state in {g.checkpoint_dir} does not carry over to the changed "
                               f"config {sorted(changes)}: start over with --no-resume")
     placed = [jax.device_put(x, f.sharding) for x, f in zip(leaves, fresh_leaves, strict=True)]

@@ -33,9 +33,9 @@ class TrainState:
     best_epoch: jax.Array  # int32 []; 0 = none yet
     epoch: jax.Array  # int32 []; completed epochs
     ema: Any = ()  # {'params', 'batch_stats'}: moving average of the weights (config.ema_decay), or () when off
-    # int32 []: the epoch in which the run's loss or update became NaN/inf (0: never); from then on its steps
-    # leave its weights as they were (frozen) while the other runs of a sweep go on. () only in states built
-    # by hand (the field was added after the others, so it needs a default).
+    # int32 []: the epoch in which the run's loss became NaN/inf (0: never); in a sweep its weights get no
+    # updates from then on while the other runs go on. () only in states built by hand (the field was added
+    # after the others, so it needs a default).
     diverged_at: Any = ()
 
     @property
