@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from jaxcifar import cli, configs
 from jaxcifar.report import markdown_table, plot_curves, write_json, write_text
-from jaxcifar.train import fit
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -20,11 +19,8 @@ def main(argv: list[str] | None = None) -> None:
     args = cli.parse(p, argv)
     config = configs.baseline(batch_size=args.batch_size, epochs=args.epochs, val_size=args.val_size,
                               seed=args.seed, dropout_rate=args.dropout, devices=args.devices)
-    config = cli.overridden(config, args)
-    out = cli.out_dir(args)
-    data = cli.load_data(args)
-    result = fit(config, data, checkpoint_dir=str(out / "checkpoints"), resume=args.resume,
-                 progress=not args.no_progress)
+    out, data, result = cli.train_single(config, args)
+    config = result.config
     s, h = result.summary, result.history
     write_json(out / "results.json", {
         "experiment": "baseline", "data": data.source, "train_size": len(data.train), "test_size": len(data.test),

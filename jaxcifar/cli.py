@@ -81,6 +81,24 @@ def common_parser(description: str, *, epochs: int, batch_size: int, out: str, q
 
 
 
+def preparsed(argv: list[str] | None, flag: str, default: str) -> str:
+    """The value of one flag before the full parse, to choose defaults that depend on it (e.g. a recipe's
+    epochs); an unknown value is left for the full parse to reject."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument(flag, default=default)
+    return getattr(pre.parse_known_args(argv)[0], flag.lstrip("-").replace("-", "_"))
+
+
+def recipe_parser(description: str, config: TrainConfig, out: str, dataset: str = "cifar10"
+                  ) -> argparse.ArgumentParser:
+    """:func:`common_parser` whose epochs, batch size, validation size, seed and dataset default to
+    ``config``'s (and ``dataset``)."""
+    p = common_parser(description, epochs=config.epochs, batch_size=config.batch_size, val_size=config.val_size,
+                      out=out)
+    p.set_defaults(seed=config.seed, dataset=dataset)
+    return p
+
+
 def load_data(args: argparse.Namespace) -> Dataset:
     """Load ``args.dataset`` from ``args.data`` (or tfds); with ``--quick`` a seeded random subset."""
     ds = load_cifar(args.dataset, args.data, cache_dir=args.cache_dir, progress=not args.no_progress)
@@ -204,6 +222,19 @@ def overridden(config: TrainConfig, args: argparse.Namespace) -> TrainConfig:
         raise ConfigError(f"--set: {e}") from e
     validate_config(result)
     return result
+
+
+def train_single(config: TrainConfig, args: argparse.Namespace) -> tuple[Path, Dataset, Any]:
+    """The single-run experiments' middle part: apply ``--set`` to ``config``, create ``--out``, load the data
+    and train (or resume) into ``--out/checkpoints``; returns ``(out, data, fit result)``."""
+    from jaxcifar.train import fit
+
+    config = overridden(config, args)
+    out = out_dir(args)
+    data = load_data(args)
+    result = fit(config, data, checkpoint_dir=str(out / "checkpoints"), resume=args.resume,
+                 progress=not args.no_progress)
+    return out, data, result
 
 
 def selected_variants(parser: argparse.ArgumentParser, variants: dict[str, TrainConfig],

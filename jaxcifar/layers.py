@@ -74,6 +74,7 @@ class Conv(nn.Module):
     use_bias: bool = True
     dtype: Any = jnp.float32
     kernel_init: Any = nn.initializers.lecun_normal()
+    bias_init: Any = nn.initializers.zeros
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -84,7 +85,7 @@ class Conv(nn.Module):
                                          (self.strides, self.strides), pad,
                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
         if self.use_bias:
-            bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+            bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
             y = add_bias(y, bias.astype(self.dtype))
         return y
 

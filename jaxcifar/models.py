@@ -9,6 +9,7 @@ body trained on CIFAR-10 can be loaded under a new CIFAR-100 head.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,7 +23,8 @@ from jaxcifar.layers import BatchNorm, Conv, max_pool_2x2
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": nn.relu,
-    "gelu": nn.gelu,
+    "gelu": nn.gelu,  # tanh approximation (jax's default)
+    "gelu_exact": functools.partial(nn.gelu, approximate=False),  # the erf form, PyTorch's default GELU
     "leaky_relu": nn.leaky_relu,
     "silu": nn.silu,
 }
@@ -35,15 +37,51 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 
 
 class Dropout(nn.Module):
-    """Inverted dropout whose rate may be a traced value (``nn.Dropout`` needs a static rate)."""
+    """Inverted dropout whose rate may be a traced value (``nn.Dropout`` needs a static rate).
+    ``broadcast_dims`` share one draw along those axes: ``(1, 2)`` on NHWC drops whole channels (PyTorch's
+    ``Dropout2d``)."""
+
+    broadcast_dims: Sequence[int] = ()
 
     @nn.compact
     def __call__(self, x: jax.Array, rate: float | jax.Array, train: bool) -> jax.Array:
         if not train or (isinstance(rate, int | float) and rate == 0.0):
             return x
         keep = 1.0 - jnp.asarray(rate, jnp.float32)
-        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, x.shape)
+        shape = tuple(1 if i in self.broadcast_dims else n for i, n in enumerate(x.shape))
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
         return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros((), x.dtype))
+
+
+def torch_uniform(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+    """PyTorch's default conv/linear init: uniform in +-1/sqrt(fan_in) (fan_in = all axes but the last)."""
+    fan_in = math.prod(shape[:-1])
+    return jax.random.uniform(key, shape, dtype, -1.0 / math.sqrt(fan_in), 1.0 / math.sqrt(fan_in))
+
+
+def torch_bias(fan_in: int) -> Callable[..., jax.Array]:
+    """PyTorch's default bias init for a layer with ``fan_in`` inputs: uniform in +-1/sqrt(fan_in) (a Flax
+    bias initializer sees only the bias's own shape, so the fan-in is bound here)."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+INITS = ("flax", "torch")
+
+
+def layer_init(init: str, fan_in: int) -> dict[str, Any]:
+    """Initializer fields for a Conv/Dense with ``fan_in`` inputs: ``{}`` keeps Flax's defaults (lecun-normal
+    kernel, zero bias); ``"torch"`` gives PyTorch's defaults (kernel and bias uniform in +-1/sqrt(fan_in)),
+    which the reference reports trained with."""
+    if init not in INITS:
+        raise ConfigError(f"unknown init {init!r}: use one of {list(INITS)}")
+    if init == "flax":
+        return {}
+    return {"kernel_init": torch_uniform, "bias_init": torch_bias(fan_in)}
 
 
 class MLP(nn.Module):
@@ -53,6 +91,7 @@ class MLP(nn.Module):
     hidden: Sequence[int] = (4096, 4096)
     activation: str = "relu"
     dropout_rate: float = 0.0
+    weight_init: str = "flax"  # "torch": PyTorch's default initialization (see layer_init)
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -61,56 +100,93 @@ class MLP(nn.Module):
         rate = self.dropout_rate if dropout_rate is None else dropout_rate
         x = x.reshape(x.shape[0], -1).astype(self.dtype)
         for i, h in enumerate(self.hidden):
-            x = act(nn.Dense(h, dtype=self.dtype, name=f"dense{i}")(x))
+            x = act(nn.Dense(h, dtype=self.dtype, name=f"dense{i}", **layer_init(self.weight_init, x.shape[-1]))(x))
             x = Dropout(name=f"drop{i}")(x, rate, train)
-        return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
+        head = nn.Dense(self.num_classes, dtype=self.dtype, name="head", **layer_init(self.weight_init, x.shape[-1]))
+        return head(x).astype(jnp.float32)
 
 
 class ConvNet(nn.Module):
-    """The classic CIFAR assignment net: conv32-conv32-pool-conv64-conv64-pool-dense512-dense(classes).
+    """The classic CIFAR assignment net: conv32-conv32-pool-conv64-conv64-pool-dense512-dense(classes), and
+    its relatives in the reference reports (see :mod:`jaxcifar.configs`).
 
-    ``channels`` groups convolutions into blocks, each followed by 2x2 max-pooling. ``dropout_at`` picks
-    where dropout applies: ``"blocks"`` (after each pooled block), ``"head"`` (before the classifier and
-    after the hidden dense layer) or both.
+    ``channels`` groups convolutions into blocks, each followed by 2x2 max-pooling; ``kernel_size`` is one
+    size for every conv or one per block. ``batch_norm`` is ``True`` (after every conv), ``False``, or the
+    indices of the convs it follows, counted from 0 over all blocks; ``norm_after_activation`` puts it after
+    the activation (conv-act-BN) instead of before. ``dropout_at`` picks where dropout applies: ``"blocks"``
+    (after each pooled block; ``channel_dropout`` drops whole channels there, as PyTorch's ``Dropout2d``),
+    ``"head"`` (after each hidden dense layer, so before the classifier) or both.
     """
 
     num_classes: int = 10
     channels: Sequence[Sequence[int]] = ((32, 32), (64, 64))
-    kernel_size: int = 3
+    kernel_size: int | Sequence[int] = 3
     padding: str = "VALID"
     dense: Sequence[int] = (512,)
-    batch_norm: bool = False
+    batch_norm: bool | Sequence[int] = False
+    norm_after_activation: bool = False
     activation: str = "relu"
     dropout_rate: float = 0.0
     dropout_at: Sequence[str] = ("head",)
+    channel_dropout: bool = False
+    weight_init: str = "flax"  # "torch": PyTorch's default initialization (see layer_init)
     dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, x, train: bool = False, dropout_rate=None):
-        act = activation(self.activation)
+    def _kernel(self, block: int) -> tuple[int, int]:
+        size = self.kernel_size if isinstance(self.kernel_size, int) else self.kernel_size[block]
+        return size, size
+
+    def _normalized(self, conv: int) -> bool:
+        """Whether conv number ``conv`` (counted over all blocks) is followed by batch norm."""
+        if isinstance(self.batch_norm, bool):
+            return self.batch_norm
+        return conv in self.batch_norm
+
+    def _check_fields(self) -> None:
         unknown = set(self.dropout_at) - {"blocks", "head"}
         if unknown:
             raise ConfigError(f"unknown dropout position(s) {sorted(unknown)}: use 'blocks' and/or 'head'")
+        convs = sum(len(block) for block in self.channels)
+        if not isinstance(self.batch_norm, bool) and not set(self.batch_norm) <= set(range(convs)):
+            raise ConfigError(f"batch_norm {tuple(self.batch_norm)} names convs outside 0..{convs - 1} (counted "
+                              "over all blocks): pick from those, or True for all")
+        if not isinstance(self.kernel_size, int) and len(self.kernel_size) != len(self.channels):
+            raise ConfigError(f"kernel_size {tuple(self.kernel_size)} needs one size per block "
+                              f"({len(self.channels)} blocks) or a single int")
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, dropout_rate=None):
+        self._check_fields()
+        act = activation(self.activation)
         rate = self.dropout_rate if dropout_rate is None else dropout_rate
         x = x.astype(self.dtype)
-        k = (self.kernel_size, self.kernel_size)
+        conv = 0
         for b, block in enumerate(self.channels):
+            k = self._kernel(b)
             for c, width in enumerate(block):
-                x = Conv(width, k, padding=self.padding, use_bias=not self.batch_norm, dtype=self.dtype,
-                            name=f"conv{b}_{c}")(x)
-                if self.batch_norm:
-                    x = BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
-                                     name=f"bn{b}_{c}")(x)
+                norm = self._normalized(conv)
+                init = layer_init(self.weight_init, k[0] * k[1] * x.shape[-1])
+                # A bias right before batch norm is cancelled by its mean: leave it out there.
+                x = Conv(width, k, padding=self.padding, use_bias=not norm or self.norm_after_activation,
+                         dtype=self.dtype, name=f"conv{b}_{c}", **init)(x)
+                bn = BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype, name=f"bn{b}_{c}")
+                if norm and not self.norm_after_activation:
+                    x = bn(x)
                 x = act(x)
+                if norm and self.norm_after_activation:
+                    x = bn(x)
+                conv += 1
             x = max_pool_2x2(x)
             if "blocks" in self.dropout_at:
-                x = Dropout(name=f"drop_block{b}")(x, rate, train)
+                dims = (1, 2) if self.channel_dropout else ()
+                x = Dropout(broadcast_dims=dims, name=f"drop_block{b}")(x, rate, train)
         x = x.reshape(x.shape[0], -1)
         for i, width in enumerate(self.dense):
-            x = act(nn.Dense(width, dtype=self.dtype, name=f"dense{i}")(x))
+            x = act(nn.Dense(width, dtype=self.dtype, name=f"dense{i}", **layer_init(self.weight_init, x.shape[-1]))(x))
             if "head" in self.dropout_at:
                 x = Dropout(name=f"drop_dense{i}")(x, rate, train)
-        return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
+        head = nn.Dense(self.num_classes, dtype=self.dtype, name="head", **layer_init(self.weight_init, x.shape[-1]))
+        return head(x).astype(jnp.float32)
 
 
 class BasicBlock(nn.Module):
@@ -160,12 +236,6 @@ class ResNet(nn.Module):
         x = x.mean(axis=(1, 2))
         x = Dropout(name="drop")(x, rate, train)
         return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
-
-
-def torch_uniform(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
-    """PyTorch's default conv/linear init: uniform in +-1/sqrt(fan_in) (fan_in = all axes but the last)."""
-    fan_in = math.prod(shape[:-1])
-    return jax.random.uniform(key, shape, dtype, -1.0 / math.sqrt(fan_in), 1.0 / math.sqrt(fan_in))
 
 
 def partial_identity(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
@@ -254,6 +324,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "speedrun": SpeedrunNet,
 }
 BUILTIN_MODELS = {**MODELS}  # the ones shipped here (checked by the tests); others are checked when built
+TORCH_INIT_MODELS = ("mlp", "convnet")  # the models with a ``weight_init`` field (TrainConfig.init)
 
 
 def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:

@@ -69,7 +69,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def _pyplot():
+def pyplot():
     """matplotlib.pyplot on the non-interactive Agg backend (no display needed)."""
     import matplotlib
 
@@ -79,10 +79,10 @@ def _pyplot():
     return plt
 
 
-def _save_figure(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     fig.tight_layout()
     atomic_write_bytes(Path(path), lambda f: fig.savefig(f, format="png", dpi=110))
-    _pyplot().close(fig)
+    pyplot().close(fig)
 
 
 def _integer_epochs(ax, epochs: Sequence[int]) -> None:
@@ -111,7 +111,7 @@ def plural(n: int, word: str) -> str:
 def plot_curves(histories: Sequence[dict], labels: Sequence[str], path: Path, title: str = "") -> None:
     """One row per run: train vs validation loss (left) and accuracy (right) per epoch, with the
     per-interval training loss as a thin line."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(len(histories), 2, figsize=(10, 3.2 * len(histories)), squeeze=False)
     for (ax_l, ax_a), h, label in zip(axes, histories, labels, strict=True):
         steps_per_epoch = (h["interval"]["step"][-1] / h["epoch"][-1]) if h["interval"]["step"] else 1
@@ -132,7 +132,7 @@ def plot_curves(histories: Sequence[dict], labels: Sequence[str], path: Path, ti
             ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def _has(h: dict, key: str) -> bool:
@@ -150,7 +150,7 @@ def _curve_key(histories: Sequence[dict], key: str) -> str:
 def plot_overlay(histories: Sequence[dict], labels: Sequence[str], path: Path, key: str = "val_accuracy",
                  title: str = "") -> None:
     """``key`` per epoch for every run on one axis."""
-    plt = _pyplot()
+    plt = pyplot()
     key = _curve_key(histories, key)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for h, label in zip(histories, labels, strict=True):
@@ -159,12 +159,12 @@ def plot_overlay(histories: Sequence[dict], labels: Sequence[str], path: Path, k
     _integer_epochs(ax, histories[0]["epoch"])
     ax.grid(alpha=0.3)
     ax.legend()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def plot_seed_band(histories: Sequence[dict], path: Path, key: str = "val_accuracy", title: str = "") -> None:
     """``key`` per epoch: every seed as a thin line, their mean and a +-1 std band."""
-    plt = _pyplot()
+    plt = pyplot()
     key = _curve_key(histories, key)
     epochs = np.asarray(histories[0]["epoch"])
     values = np.asarray([h[key] for h in histories], np.float64)
@@ -181,14 +181,14 @@ def plot_seed_band(histories: Sequence[dict], path: Path, key: str = "val_accura
     _integer_epochs(ax, epochs)
     ax.grid(alpha=0.3)
     ax.legend()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def plot_prediction_grid(images: np.ndarray, labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str],
                          path: Path, title: str = "", cols: int = 8) -> None:
     """uint8 images [N, 32, 32, 3] titled with the predicted class and its probability: green when right,
     red when wrong (the true class follows a wrong prediction)."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = -(-len(images) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 2.1 * rows), squeeze=False)
     for ax in axes.flat:
@@ -200,12 +200,12 @@ def plot_prediction_grid(images: np.ndarray, labels: np.ndarray, probs: np.ndarr
         ax.set_title(text, fontsize=7, color="green" if pred == y else "red")
     if title:
         fig.suptitle(title)
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def plot_class_histograms(counts: dict[str, np.ndarray], class_names: Sequence[str], path: Path) -> None:
     """One bar chart of examples per class for each split in ``counts``."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(counts), figsize=(max(6, 0.35 * len(class_names)) * len(counts), 3.8),
                              squeeze=False)
     for ax, (split, c) in zip(axes[0], counts.items(), strict=True):
@@ -213,13 +213,13 @@ def plot_class_histograms(counts: dict[str, np.ndarray], class_names: Sequence[s
         ax.set(title=f"{split}: {int(np.sum(c))} images", ylabel="images")
         ax.set_xticks(range(len(c)), class_names if len(class_names) <= 20 else [""] * len(c), rotation=60,
                       fontsize=7)
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def plot_image_row(images: np.ndarray, titles: Sequence[str], path: Path, title: str = "",
                    cmap_range: tuple[float, float] | None = None) -> None:
     """Images side by side; float images are shown per-image min-max scaled unless ``cmap_range`` is given."""
-    plt = _pyplot()
+    plt = pyplot()
     cols = min(10, len(images))
     rows = -(-len(images) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(1.5 * cols, 1.7 * rows), squeeze=False)
@@ -233,13 +233,13 @@ def plot_image_row(images: np.ndarray, titles: Sequence[str], path: Path, title:
         ax.set_title(t, fontsize=7)
     if title:
         fig.suptitle(title)
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def plot_bars(values: Sequence[float], labels: Sequence[str], path: Path, xlabel: str = "", ylabel: str = "",
               title: str = "") -> None:
     """One bar per value with its figure on top, and the mean as a dashed line."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(values) + 2), 4))
     bars = ax.bar(range(len(values)), values, tick_label=list(labels))
     ax.bar_label(bars, fmt="%.4f", fontsize=7)
@@ -248,4 +248,4 @@ def plot_bars(values: Sequence[float], labels: Sequence[str], path: Path, xlabel
     ax.set_ylim(max(0.0, low - 0.1 * (max(values) - low + 0.01) - 0.01), None)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.legend()
-    _save_figure(fig, path)
+    save_figure(fig, path)

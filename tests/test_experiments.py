@@ -71,7 +71,7 @@ def test_bad_data_path_is_one_clear_line(tmp_path):
 
 def test_robustness_reports_seed_statistics(tmp_path):
     out, res = run_tiny(tmp_path, "robustness", "--batch-size", "25", "--epochs", "1", "--seeds", "3",
-                        "--split-per-run")
+                        "--split-per-run", "--corruptions", "gaussian_noise,contrast", "--severities", "1,5")
     acc = np.array([s["test_accuracy"] for s in res["summaries"]])
     st = res["statistics"]["test_accuracy"]
     assert [run["seed"] for run in res["runs"]] == [0, 1, 2] and st["n"] == 3
@@ -80,6 +80,45 @@ def test_robustness_reports_seed_statistics(tmp_path):
     assert len({tuple(h["train_loss"]) for h in res["histories"]}) == 3  # the seeds really differ
     assert res["config"]["split_per_run"] and res["meta"]["split_per_run"]
     assert (out / "val_accuracy.png").stat().st_size > 0 and "95 % CI" in (out / "report.md").read_text()
+    # The robustness figures: evaluated on the same weights as the summaries, every requested cell present.
+    rob = res["robustness"]
+    np.testing.assert_allclose(rob["clean"]["accuracy"], acc, atol=1e-6)
+    assert sorted(rob["corruptions"]["cells"]) == ["contrast", "gaussian_noise"]
+    assert sorted(rob["corruptions"]["cells"]["contrast"]) == ["1", "5"]
+    assert len(rob["clean"]["disagreement"]) == 3 and len(rob["clean"]["bin_count"][0]) == 15
+    for name in ("ensemble.png", "disagreement.png", "per_class_accuracy.png", "reliability.png", "corruptions.png"):
+        assert (out / name).stat().st_size > 0, name
+    report = (out / "report.md").read_text()
+    assert "Ensemble of the 3 seeds" in report and "Common corruptions" in report
+
+
+def test_robustness_runs_a_reference_recipe_with_its_own_defaults(tmp_path):
+    out, res = run_tiny(tmp_path, "robustness", "--recipe", "d_wide", "--width", "0.0625", "--epochs", "1",
+                        "--seeds", "2", "--batch-size", "25", "--corruptions", "none")
+    assert [r["seed"] for r in res["runs"]] == [42, 43]  # report D's seed
+    config = res["config"]
+    assert config["init"] == "torch" and config["model_kwargs"]["kernel_size"] == [3, 5]
+    assert config["model_kwargs"]["channels"] == [[16, 32], [16, 8]] and "corruptions" not in res["robustness"]
+
+
+def test_reference_trains_a_named_recipe_beside_the_reported_figures(tmp_path):
+    out, res = run_tiny(tmp_path, "reference", "--recipe", "c_improved", "--epochs", "1", "--batch-size", "25")
+    assert res["recipe"] == "c_improved" and res["reported"].endswith("test 80.15 %")
+    assert res["config"]["model_kwargs"]["activation"] == "gelu_exact" and res["config"]["learning_rate"] == 0.01
+    assert res["history"]["epoch"] == [1] and (out / "curves.png").stat().st_size > 0
+    assert "Reported by the reference report" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--corruptions", "fog"], "unknown ['fog']"),
+    (["--severities", "0,9"], "--severities"),
+    (["--recipe", "baseline", "--width", "2"], "--width applies"),
+])
+def test_robustness_bad_flags_fail_before_anything_is_written(tmp_path, flags, message):
+    r = run("--data", str(tmp_path / "missing.zip"), "--out", str(tmp_path / "out"), *flags,
+            experiment="robustness")
+    assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
 
 
 def test_baseline_writes_report_and_model(tmp_path):

@@ -59,9 +59,11 @@ def random_translate(key: jax.Array, images: jax.Array, max_shift: int = 2) -> j
     return random_crop(key, images, padding=max_shift, mode="constant")
 
 
-def random_rotation(key: jax.Array, images: jax.Array, max_degrees: float = 15.0) -> jax.Array:
-    """Rotate each image about its centre by an angle uniform in [-max_degrees, max_degrees]
-    (bilinear, zero fill)."""
+def random_rotation(key: jax.Array, images: jax.Array, max_degrees: float = 15.0, order: int = 1) -> jax.Array:
+    """Rotate each image about its centre by an angle uniform in [-max_degrees, max_degrees], zero fill;
+    ``order`` 1 interpolates bilinearly, 0 takes the nearest pixel (torchvision's ``RandomRotation`` default)."""
+    if order not in (0, 1):
+        raise ConfigError(f"rotation order {order} must be 0 (nearest) or 1 (bilinear)")
     n, h, w, c = images.shape
     angles = jnp.deg2rad(jax.random.uniform(key, (n,), minval=-max_degrees, maxval=max_degrees))
     x = _to_float(images)
@@ -71,10 +73,27 @@ def random_rotation(key: jax.Array, images: jax.Array, max_degrees: float = 15.0
         cos, sin = jnp.cos(a), jnp.sin(a)
         src_y = cos * yy - sin * xx + (h - 1) / 2
         src_x = sin * yy + cos * xx + (w - 1) / 2
-        chans = [map_coordinates(img[..., ch], [src_y, src_x], order=1, mode="constant") for ch in range(c)]
+        chans = [map_coordinates(img[..., ch], [src_y, src_x], order=order, mode="constant") for ch in range(c)]
         return jnp.stack(chans, axis=-1)
 
     return _from_float(jax.vmap(rotate)(x, angles), images)
+
+
+def resize_crop(key: jax.Array, images: jax.Array, size: int = 40) -> jax.Array:
+    """Resize every image to ``size`` x ``size`` (bilinear, antialiased) and cut a random window of the original
+    size out of it: torchvision's ``Resize((40, 40))`` then ``RandomCrop(32)`` (reference report B's B5b)."""
+    n, h, w, c = images.shape
+    if size < max(h, w):
+        raise ConfigError(f"resize_crop size {size} must be at least the image size {max(h, w)}")
+    big = jax.image.resize(_to_float(images), (n, size, size, c), method="linear")
+    ky, kx = jax.random.split(key)
+    ys = jax.random.randint(ky, (n,), 0, size - h + 1)
+    xs = jax.random.randint(kx, (n,), 0, size - w + 1)
+
+    def crop(img, y, x):
+        return jax.lax.dynamic_slice(img, (y, x, 0), (h, w, c))
+
+    return _from_float(jax.vmap(crop)(big, ys, xs), images)
 
 
 _GRAY = jnp.array([0.299, 0.587, 0.114])
@@ -134,6 +153,7 @@ AUGMENTATIONS: dict[str, Callable[..., jax.Array]] = {
     "crop": random_crop,
     "translate": random_translate,
     "rotate": random_rotation,
+    "resize_crop": resize_crop,
     "color": color_jitter,
     "cutout": cutout,
 }
@@ -216,9 +236,9 @@ def make_augment(spec: AugmentSpec) -> AugmentFn:
 
     ``spec`` lists op names (defaults), ``(name, kwargs)`` pairs or functions ``(key, images) -> images``,
     applied in order, e.g. ``["flip", ("crop", {"padding": 4, "mode": "reflect"}), my_op]``.
-    Names: ``flip crop translate rotate color cutout`` and any registered with :func:`register_augmentation`.
-    An empty spec is the identity. Label-mixing ops (``mixup``, ``cutmix``) need the labels: see
-    :func:`make_pipeline`.
+    Names: ``flip crop translate rotate resize_crop color cutout`` and any registered with
+    :func:`register_augmentation`. An empty spec is the identity. Label-mixing ops (``mixup``, ``cutmix``)
+    need the labels: see :func:`make_pipeline`.
     """
     augment, mix = make_pipeline(spec)
     if mix is not None:

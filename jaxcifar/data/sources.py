@@ -364,3 +364,41 @@ def _tfds_split_arrays(tfds, builder, split: str) -> dict[str, np.ndarray]:
     if not parts:
         return {"image": np.zeros((0, *IMAGE_SHAPE), np.uint8), "label": np.zeros((0,), np.int32)}
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+CIFAR10C_HOST = "zenodo.org"  # where tfds downloads CIFAR-10-C from
+
+
+def _require_host(host: str, timeout: float = 5.0) -> None:
+    """Fail fast when ``host`` cannot be reached (tfds would retry an unreachable download for minutes)."""
+    import socket
+
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as e:
+        raise DataError(f"tfds downloads CIFAR-10-C from {host}, which this machine cannot reach ({first_line(e)}): "
+                        "use the generated corruptions (--corruptions all), or a tfds data_dir where "
+                        "cifar10_corrupted is prepared") from e
+
+
+def load_tfds_corrupted(corruption: str, severity: int, data_dir: str | None = None,
+                        download: bool = True) -> Split:
+    """The published CIFAR-10-C test images of one corruption at one severity (1-5), from tfds
+    ``cifar10_corrupted/<corruption>_<severity>`` (downloaded on first use: about 2.9 GB for all configs,
+    so it needs the internet or a ``data_dir`` where it was prepared). Raises ``DataError`` naming the fix."""
+    tfds = _import_tfds()
+    name = f"cifar10_corrupted/{corruption}_{severity}"
+    builder = tfds.builder(name, data_dir=data_dir)
+    if not builder.is_prepared():
+        if not download:
+            raise DataError(f"tfds has no prepared {name} in {builder.data_dir}: allow the download or pass the "
+                            "data_dir where it was prepared")
+        _require_host(CIFAR10C_HOST)
+    try:
+        builder.download_and_prepare()
+        raw = _tfds_split_arrays(tfds, builder, "test")
+    except Exception as e:
+        raise DataError(f"tfds could not load {name} ({type(e).__name__}: {str(e).splitlines()[0][:200]}): it "
+                        "needs the internet or a prepared tfds data_dir; use the generated corruptions instead "
+                        "(--corruptions all)") from e
+    return Split(np.asarray(raw["image"], np.uint8), np.asarray(raw["label"], np.int32))

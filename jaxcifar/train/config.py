@@ -12,7 +12,7 @@ import numpy as np
 
 from jaxcifar.data.augment import augment_names
 from jaxcifar.errors import ConfigError
-from jaxcifar.models import ACTIVATIONS, MODELS
+from jaxcifar.models import ACTIVATIONS, INITS, MODELS, TORCH_INIT_MODELS
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine", "warmup_cosine", "onecycle", "triangular")
@@ -33,6 +33,7 @@ class TrainConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     dropout_rate: float = 0.0
     dtype: str = "float32"  # compute dtype; parameters stay float32
+    init: str = "flax"  # "torch": PyTorch's default init (kernel and bias U(+-1/sqrt(fan_in))); mlp and convnet
     # optimizer
     optimizer: str = "sgd"
     learning_rate: float = 1e-3
@@ -126,6 +127,9 @@ def validate_config(c: TrainConfig, train_size: int | None = None) -> None:
     _check(c.model in MODELS, f"unknown model {c.model!r}: use one of {sorted(MODELS)}")
     act = c.model_kwargs.get("activation", "relu")
     _check(act in ACTIVATIONS, f"unknown activation {act!r}: use one of {sorted(ACTIVATIONS)}")
+    _check(c.init in INITS, f"unknown init {c.init!r}: use one of {list(INITS)}")
+    _check(c.init == "flax" or c.model in TORCH_INIT_MODELS, f"init {c.init!r} is available for the models "
+           f"{list(TORCH_INIT_MODELS)}, not {c.model!r}: drop init or pick one of those")
     _check(c.optimizer in OPTIMIZERS, f"unknown optimizer {c.optimizer!r}: use one of {list(OPTIMIZERS)}")
     _check(c.schedule in SCHEDULES, f"unknown schedule {c.schedule!r}: use one of {list(SCHEDULES)}")
     _check(c.run_strategy in RUN_STRATEGIES,

@@ -102,7 +102,8 @@ def build_for(config: TrainConfig, mean: Sequence[float], std: Sequence[float], 
     """:func:`build` from the figures it needs (e.g. those a checkpoint records) instead of the data."""
     c = components or Components()
     dtype = jnp.dtype(config.dtype)
-    model = c.model or create_model(config.model, num_classes, dtype=dtype, **config.model_kwargs)
+    init = {} if config.init == "flax" else {"weight_init": config.init}
+    model = c.model or create_model(config.model, num_classes, dtype=dtype, **init, **config.model_kwargs)
     if c.model is not None or MODELS[config.model] is not BUILTIN_MODELS.get(config.model):  # a user's: check it
         check_model_outputs(model, num_classes, dtype)
     spe = steps_per_epoch(train_size, config.batch_size)

@@ -1,0 +1,176 @@
+"""Robustness of K models trained together (``fit(runs=...)``, one per seed): what the seeds agree on, how
+well calibrated they are, what their ensemble gains and how they hold up under common corruptions.
+
+The K models are evaluated together in one compiled program (vmapped over their weights where they trained
+vmapped, one after another inside the program otherwise, as the training's run strategy chose), and the
+metrics of all K in another (:func:`jaxcifar.metrics.seed_metrics`). Used by ``experiments.robustness``;
+research code calls :func:`evaluate_robustness` on its own ``fit`` result.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxcifar.data import Split
+from jaxcifar.data.corruptions import SEVERITIES, corrupt, corruption_key, corruption_names
+from jaxcifar.data.sources import load_tfds_corrupted
+from jaxcifar.errors import ConfigError
+from jaxcifar.metrics import ECE_BINS, seed_metrics
+from jaxcifar.report import seed_statistics
+from jaxcifar.train import FitResult, StepFns
+
+Predictor = Callable[[np.ndarray], np.ndarray]
+
+
+def seed_predictor(fns: StepFns, variables: Any, vmap_runs: bool, batch_size: int = 1000) -> Predictor:
+    """``predict(images uint8 [N, 32, 32, 3]) -> probabilities float32 [K, N, C]`` of the K models whose
+    ``variables`` are stacked on a leading run axis, in one compiled program per batch shape; the last batch
+    is padded to ``batch_size`` so every batch reuses it. ``vmap_runs``: batch the K models (fast on a GPU),
+    else run them one after another inside the program (fast on a CPU, where vmapped convolutions are slow)."""
+    if vmap_runs:
+        program = jax.jit(jax.vmap(fns.probabilities, in_axes=(0, None)))
+    else:
+        program = jax.jit(lambda vs, images: jax.lax.map(lambda v: fns.probabilities(v, images), vs))
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        out = []
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size]
+            n = len(batch)
+            padded = np.concatenate([batch, np.zeros((batch_size - n, *batch.shape[1:]), batch.dtype)])
+            out.append(np.asarray(program(variables, padded))[:, :n])
+        return np.concatenate(out, axis=1)
+
+    return predict
+
+
+def _plain(x: Any) -> Any:
+    """An array as (nested) lists of floats, NaN as None (JSON has no NaN)."""
+    a = np.asarray(x, np.float64)
+    if a.ndim > 0:
+        return [_plain(v) for v in a]
+    return None if np.isnan(a) else a.item()
+
+
+def _jsonable(tree: Any) -> Any:
+    return jax.tree.map(_plain, tree)
+
+
+def _predictor_of(result: FitResult, weights: str, batch_size: int) -> Predictor:
+    variables = result.state.weights(weights)
+    if not result.run_axis:  # one run: give it the run axis the predictor expects
+        variables = jax.tree.map(lambda x: x[None], variables)
+    return seed_predictor(result.fns, variables, result.meta.get("run_strategy") == "vmap", batch_size)
+
+
+def clean_metrics(predict: Predictor, test: Split, bins: int = ECE_BINS) -> dict[str, Any]:
+    """:func:`~jaxcifar.metrics.seed_metrics` of the models on the uncorrupted ``test`` split, as JSON-ready
+    lists (NaN as None), with the mean single-model accuracy and the ensemble's gain over it."""
+    probs = predict(test.images)
+    metrics = _jsonable(jax.jit(seed_metrics, static_argnums=2)(jnp.asarray(probs), jnp.asarray(test.labels), bins))
+    mean_single = float(np.mean(metrics["accuracy"]))
+    k = len(metrics["accuracy"])
+    off_diagonal = np.asarray(metrics["disagreement"])[~np.eye(k, dtype=bool)]
+    metrics["summary"] = {
+        "mean_single_accuracy": mean_single,
+        "ensemble_accuracy": metrics["ensemble"]["accuracy"],
+        "ensemble_gain": metrics["ensemble"]["accuracy"] - mean_single,
+        "mean_disagreement": float(off_diagonal.mean()) if k > 1 else 0.0,
+        **{name: seed_statistics(metrics[name]) for name in ("accuracy", "ece", "nll", "brier")},
+    }
+    return metrics
+
+
+CorruptedSet = Callable[[str, int], Split]
+
+
+def generated_corruptions(test: Split, key: jax.Array) -> CorruptedSet:
+    """``(name, severity) -> Split``: ``test`` corrupted on the device (:func:`~jaxcifar.data.corruptions.corrupt`);
+    each cell has its own key (:func:`~jaxcifar.data.corruptions.corruption_key`), so the same key gives the same
+    images."""
+    def corrupted(name: str, severity: int) -> Split:
+        return Split(corrupt(test.images, name, severity, corruption_key(key, name, severity)), test.labels)
+
+    return corrupted
+
+
+def tfds_corruptions(data_dir: str | None = None) -> CorruptedSet:
+    """``(name, severity) -> Split``: the published CIFAR-10-C images from tfds (needs the internet or a prepared
+    ``data_dir``; see :func:`~jaxcifar.data.sources.load_tfds_corrupted`)."""
+    return functools.partial(load_tfds_corrupted, data_dir=data_dir)
+
+
+def corruption_accuracy(predict: Predictor, corrupted: CorruptedSet, names: Sequence[str],
+                        severities: Sequence[int], progress: bool = True) -> dict[str, Any]:
+    """Accuracy of each model and of their ensemble on every ``corrupted(name, severity)`` set: ``{"cells":
+    {name: {severity: {"accuracy": [K], "ensemble_accuracy": a}}}, "mean_accuracy": [K] (each model's mean over
+    all cells), "statistics": mean +- std of that over models}``."""
+    cells: dict[str, dict[str, Any]] = {}
+    per_model = []
+    todo = [(n, s) for n in names for s in severities]
+    for name, severity in tqdm(todo, desc="corruptions", disable=not progress, leave=False):
+        test = corrupted(name, severity)
+        probs = predict(test.images)
+        accuracy = (probs.argmax(-1) == test.labels).mean(-1)
+        ensemble = float((probs.mean(0).argmax(-1) == test.labels).mean())
+        cells.setdefault(name, {})[str(severity)] = {"accuracy": accuracy.tolist(), "ensemble_accuracy": ensemble}
+        per_model.append(accuracy)
+    mean = np.mean(per_model, axis=0)
+    return {"cells": cells, "mean_accuracy": mean.tolist(), "statistics": seed_statistics(mean.tolist())}
+
+
+def _subset(test: Split, count: int | None, key: jax.Array) -> Split:
+    """``count`` test images drawn at random with ``key`` (sorted, so classes stay mixed as drawn), or all."""
+    if count is None or count >= len(test):
+        return test
+    if count < 1:
+        raise ConfigError(f"corruption_images {count} must be >= 1 (or None for the whole test set)")
+    index = np.sort(np.asarray(jax.random.permutation(jax.random.fold_in(key, 999), len(test)))[:count])
+    return test.take(index)
+
+
+def _check_request(names: Sequence[str], severities: Sequence[int]) -> None:
+    unknown = sorted(set(names) - set(corruption_names()))
+    if unknown:
+        raise ConfigError(f"unknown corruption(s) {unknown}: use some of {corruption_names()}")
+    bad = sorted(set(severities) - set(SEVERITIES))
+    if bad:
+        raise ConfigError(f"corruption severities {bad} are not in 1..5")
+
+
+def evaluate_robustness(result: FitResult, test: Split, *, corruptions: Sequence[str] | None = None,
+                        severities: Sequence[int] = SEVERITIES, key: jax.Array | None = None,
+                        corrupted: CorruptedSet | None = None, corruption_images: int | None = None,
+                        weights: str = "best", batch_size: int | None = None, bins: int = ECE_BINS,
+                        progress: bool = True) -> dict[str, Any]:
+    """Robustness figures of the models of a ``fit`` result (one per run) on the ``test`` split: ``clean``
+    (:func:`clean_metrics`: accuracy, calibration, per-class accuracy, disagreement, ensemble) and
+    ``corruptions`` (:func:`corruption_accuracy`; every corruption of :mod:`jaxcifar.data.corruptions` unless
+    ``corruptions`` names some, ``[]`` for none). The corrupted sets are ``test`` corrupted on the device with
+    ``key`` (default ``PRNGKey(0)``), or ``corrupted(name, severity)`` when given (e.g. :func:`tfds_corruptions`).
+    ``corruption_images``: corrupt a random subset of that many test images (drawn with ``key``) instead of all,
+    to bound the cost: each cell costs K forward passes over its images (generated corruptions only).
+    ``weights``: ``'best'`` (the weights the summaries' test accuracy uses), ``'current'`` or ``'ema'``."""
+    names = corruption_names() if corruptions is None else list(corruptions)
+    _check_request(names, severities)
+    predict = _predictor_of(result, weights, batch_size or result.config.eval_batch_size)
+    out = {"weights": weights, "ece_bins": bins, "clean": clean_metrics(predict, test, bins)}
+    if names:
+        key = jax.random.PRNGKey(0) if key is None else key
+        source, images = "the caller's corrupted sets", None
+        if corrupted is None:
+            source = "generated on the device with the CIFAR-10-C parameters (jaxcifar.data.corruptions)"
+            subset = _subset(test, corruption_images, key)
+            corrupted, images = generated_corruptions(subset, key), len(subset)
+        out["corruptions"] = corruption_accuracy(predict, corrupted, names, severities, progress)
+        out["corruptions"]["severities"] = list(severities)
+        out["corruptions"]["images"] = images
+        out["corruptions"]["source"] = source
+    return out
