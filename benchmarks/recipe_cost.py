@@ -19,10 +19,9 @@ import numpy as np
 
 import jaxcifar  # noqa: F401  (sets the XLA:CPU flags before JAX starts)
 from jaxcifar import configs
+from jaxcifar.data.split import validation_count
 from jaxcifar.data.synthetic import synthetic_cifar
 from jaxcifar.train import build, init_state, make_chunk_runner, prepare_data
-
-WIDTH_RECIPES = ("d_wide", "d_improved")
 
 
 def _flops(compiled) -> float:
@@ -33,7 +32,7 @@ def _flops(compiled) -> float:
 
 def recipe_cost(name: str, width: float | None, measure: bool, batch: int = 32) -> dict[str, float]:
     """FLOPs per image of a train step and of an evaluation forward pass (and images/s with ``measure``)."""
-    extra = {"width": width} if width is not None and name in WIDTH_RECIPES else {}
+    extra = {"width": width} if width is not None and name in configs.WIDTH_RECIPES else {}
     config = configs.reference(name, batch_size=batch, val_size=0, augment=(), **extra)
     num_classes = 100 if name.startswith("b") else 10
     data = prepare_data(synthetic_cifar(256, 64, num_classes=num_classes), config)
@@ -67,7 +66,7 @@ def main() -> None:
     print(f"backend {jax.default_backend()}, jax {jax.__version__}")
     for name in args.recipes:
         config = configs.reference(name)
-        train_size = 50000 - (config.val_size if isinstance(config.val_size, int) else int(50000 * config.val_size))
+        train_size = 50000 - validation_count(50000, config.val_size)
         c = recipe_cost(name, args.width, args.measure)
         total = c["train_flops_per_image"] * train_size * config.epochs * args.runs
         line = (f"{name:12s} width {args.width or 1:g}: {c['train_flops_per_image'] / 1e9:8.3f} GFLOP per training "

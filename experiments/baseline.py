@@ -10,7 +10,7 @@ report.md, curves.png (train vs validation loss and accuracy) and the model as O
 from __future__ import annotations
 
 from jaxcifar import cli, configs
-from jaxcifar.report import markdown_table, plot_curves, write_json, write_text
+from jaxcifar.report import epoch_table, plot_curves, write_json, write_text
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -19,16 +19,14 @@ def main(argv: list[str] | None = None) -> None:
     args = cli.parse(p, argv)
     config = configs.baseline(batch_size=args.batch_size, epochs=args.epochs, val_size=args.val_size,
                               seed=args.seed, dropout_rate=args.dropout, devices=args.devices)
-    out, data, result = cli.train_single(config, args)
-    config = result.config
+    config = cli.overridden(config, args)
+    out, data, result = cli.train(config, args)
     s, h = result.summary, result.history
     write_json(out / "results.json", {
         "experiment": "baseline", "data": data.source, "train_size": len(data.train), "test_size": len(data.test),
         "config": config.to_dict(), "summary": s, "history": h, "meta": result.meta,
     })
     plot_curves([h], ["ConvNet baseline"], out / "curves.png", "Baseline: train vs validation")
-    rows = [[e, h["train_loss"][i], h["train_accuracy"][i], h["val_loss"][i], h["val_accuracy"][i]]
-            for i, e in enumerate(h["epoch"])]
     env = result.meta["environment"]
     write_text(out / "report.md", "\n\n".join([
         "# Baseline (classic ConvNet)",
@@ -38,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
         f"**Best validation accuracy {s['best_val_accuracy']:.4f} at epoch {s['best_epoch']}; test accuracy "
         f"{s['test_accuracy']:.4f}** with the best-validation weights ({s['final_test_accuracy']:.4f} with the "
         f"last epoch's).",
-        markdown_table(["epoch", "train loss", "train acc", "val loss", "val acc"], rows),
+        epoch_table(h),
         "![curves](curves.png)",
         "The model is saved with Orbax in `checkpoints/` (latest and best); load it with "
         "`jaxcifar.train.restore(dir, target, 'best')` or run `python -m experiments.predictions`.",

@@ -15,7 +15,6 @@ import numpy as np
 
 from jaxcifar import cli, configs
 from jaxcifar.report import divergence_note, markdown_table, plot_curves, plot_overlay, write_json, write_text
-from jaxcifar.train import fit
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,11 +25,8 @@ def main(argv: list[str] | None = None) -> None:
     config = configs.baseline(batch_size=args.batch_size, epochs=args.epochs, val_size=args.val_size,
                               seed=args.seed, devices=args.devices)
     config = cli.overridden(config, args)
-    out = cli.out_dir(args)
-    data = cli.load_data(args)
     runs = [{"dropout_rate": r, "seed": args.seed + s} for r, s in itertools.product(args.rates, range(args.seeds))]
-    result = fit(config, data, runs=runs, checkpoint_dir=str(out / "checkpoints"), resume=args.resume,
-                 progress=not args.no_progress)
+    out, data, result = cli.train(config, args, runs=runs)
 
     labels = [f"p={r['dropout_rate']:g} seed={r['seed']}" for r in runs]
     per_rate = {}

@@ -13,9 +13,7 @@ Writes into --out: results.json, report.md (per-epoch table, the reported figure
 from __future__ import annotations
 
 from jaxcifar import cli, configs
-from jaxcifar.report import markdown_table, plot_curves, selection_split, write_json, write_text
-
-WIDTH_RECIPES = ("d_wide", "d_improved")
+from jaxcifar.report import epoch_table, plot_curves, selection_split, write_json, write_text
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,13 +24,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--recipe", choices=configs.reference_names(), default="c_improved")
     p.add_argument("--width", type=float, default=None, help="scale the convs' widths (d_wide, d_improved)")
     args = cli.parse(p, argv)
-    if args.width is not None and args.recipe not in WIDTH_RECIPES:
-        p.error(f"--width applies to {WIDTH_RECIPES}, not {args.recipe}")
+    if args.width is not None and args.recipe not in configs.WIDTH_RECIPES:
+        p.error(f"--width applies to {configs.WIDTH_RECIPES}, not {args.recipe}")
     extra = {} if args.width is None else {"width": args.width}
     config = configs.reference(args.recipe, batch_size=args.batch_size, epochs=args.epochs, val_size=args.val_size,
                                seed=args.seed, devices=args.devices, **extra)
-    out, data, result = cli.train_single(config, args)
-    config = result.config
+    config = cli.overridden(config, args)
+    out, data, result = cli.train(config, args)
     s, h = result.summary, result.history
     train_seconds = float(sum(h["epoch_seconds"]))
     write_json(out / "results.json", {
@@ -43,8 +41,6 @@ def main(argv: list[str] | None = None) -> None:
     })
     split = selection_split([h])
     plot_curves([h], [args.recipe], out / "curves.png", f"{args.recipe}: train vs {split}")
-    rows = [[e, h["train_loss"][i], h["train_accuracy"][i], h.get("val_loss", [None] * len(h["epoch"]))[i],
-             h.get("val_accuracy", [None] * len(h["epoch"]))[i]] for i, e in enumerate(h["epoch"])]
     env = result.meta["environment"]
     width = "" if args.width is None else f" at width {args.width:g}"
     write_text(out / "report.md", "\n\n".join([
@@ -55,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         f"**Best {split} accuracy {s['best_val_accuracy']:.4f} at epoch {s['best_epoch']}; test accuracy "
         f"{s['test_accuracy']:.4f}** with those weights ({s['final_test_accuracy']:.4f} with the last epoch's). "
         f"Reported by the reference report: {configs.REPORTED[args.recipe]}.",
-        markdown_table(["epoch", "train loss", "train acc", "val loss", "val acc"], rows),
+        epoch_table(h),
         "![curves](curves.png)",
     ]) + "\n")
     print(f"{args.recipe}: test {s['test_accuracy']:.4f} (reported: {configs.REPORTED[args.recipe]}); results in {out}")

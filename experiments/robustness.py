@@ -32,11 +32,11 @@ from jaxcifar.report import (
 )
 from jaxcifar.robustness import evaluate_robustness, tfds_corruptions
 from jaxcifar.robustness_report import write_robustness_report
-from jaxcifar.train import TrainConfig, fit
+from jaxcifar.train import TrainConfig
 
 RECIPES = {"baseline": configs.baseline, "improved": configs.improved,
            **{name: functools.partial(configs.reference, name) for name in configs.reference_names()}}
-WIDTH_RECIPES = ("improved", "d_wide", "d_improved")
+WIDTH_RECIPES = ("improved", *configs.WIDTH_RECIPES)
 
 
 def _recipe_defaults(argv: list[str] | None) -> TrainConfig:
@@ -94,6 +94,9 @@ def _corruption_request(args: argparse.Namespace) -> tuple[list[str], list[int],
         severities = []
     if not severities or not set(severities) <= set(SEVERITIES):
         raise ConfigError(f"--severities {args.severities!r}: give severities 1..5, e.g. --severities 1,3,5")
+    if args.corruption_images is not None and args.corruption_images < 1:
+        raise ConfigError(f"--corruption-images {args.corruption_images}: give a count >= 1 (or leave it out for "
+                          "the whole test set)")
     if from_tfds and args.dataset != "cifar10":
         raise ConfigError("--corruptions tfds exists for CIFAR-10 only: use --corruptions all (generated)")
     return names, severities, from_tfds
@@ -125,15 +128,10 @@ def main(argv: list[str] | None = None) -> None:
     corrupted = tfds_corruptions() if from_tfds else None
     if corrupted is not None:
         corrupted(names[0], severities[0])  # fail now, not after training, when tfds cannot deliver them
-    out = cli.out_dir(args)
-    data = cli.load_data(args)
     runs = [{"seed": args.seed + k} for k in range(args.seeds)]
-    result = fit(config, data, runs=runs, checkpoint_dir=str(out / "checkpoints"), resume=args.resume,
-                 progress=not args.no_progress)
+    out, data, result = cli.train(config, args, runs=runs)
     figures = evaluate_robustness(result, data.test, corruptions=names, severities=severities, corrupted=corrupted,
                                   corruption_images=args.corruption_images, progress=not args.no_progress)
-    if from_tfds:
-        figures["corruptions"]["source"] = "the published CIFAR-10-C images (tfds cifar10_corrupted)"
 
     stats = {key: seed_statistics([s[key] for s in result.summaries])
              for key in ("test_accuracy", "best_val_accuracy", "final_test_accuracy")}

@@ -224,16 +224,16 @@ def overridden(config: TrainConfig, args: argparse.Namespace) -> TrainConfig:
     return result
 
 
-def train_single(config: TrainConfig, args: argparse.Namespace) -> tuple[Path, Dataset, Any]:
-    """The single-run experiments' middle part: apply ``--set`` to ``config``, create ``--out``, load the data
-    and train (or resume) into ``--out/checkpoints``; returns ``(out, data, fit result)``."""
+def train(config: TrainConfig, args: argparse.Namespace, **fit_options: Any) -> tuple[Path, Dataset, Any]:
+    """The experiments' middle part, once ``config`` is final (``--set`` applied): create ``--out``, load the
+    data and train (or resume) into ``--out/checkpoints`` (``fit_options`` such as ``runs`` go to ``fit``);
+    returns ``(out, data, fit result)``."""
     from jaxcifar.train import fit
 
-    config = overridden(config, args)
     out = out_dir(args)
     data = load_data(args)
     result = fit(config, data, checkpoint_dir=str(out / "checkpoints"), resume=args.resume,
-                 progress=not args.no_progress)
+                 progress=not args.no_progress, **fit_options)
     return out, data, result
 
 

@@ -199,6 +199,8 @@ def reference(name: str, **overrides: Any) -> TrainConfig:
     return REFERENCES[name](**overrides)
 
 
+WIDTH_RECIPES = ("d_wide", "d_improved")  # the reference recipes that take width=
+
 REFERENCES = {"d_wide": report_d_wide, "d_improved": report_d_improved, "c_improved": report_c_improved,
               "e_improved": report_e_improved}
 

@@ -69,6 +69,13 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def epoch_table(h: dict[str, Any]) -> str:
+    """A history's per-epoch figures as a Markdown table: training and validation loss and accuracy."""
+    rows = [[e, h["train_loss"][i], h["train_accuracy"][i], h["val_loss"][i], h["val_accuracy"][i]]
+            for i, e in enumerate(h["epoch"])]
+    return markdown_table(["epoch", "train loss", "train acc", "val loss", "val acc"], rows)
+
+
 def pyplot():
     """matplotlib.pyplot on the non-interactive Agg backend (no display needed)."""
     import matplotlib

@@ -104,7 +104,9 @@ def generated_corruptions(test: Split, key: jax.Array) -> CorruptedSet:
 def tfds_corruptions(data_dir: str | None = None) -> CorruptedSet:
     """``(name, severity) -> Split``: the published CIFAR-10-C images from tfds (needs the internet or a prepared
     ``data_dir``; see :func:`~jaxcifar.data.sources.load_tfds_corrupted`)."""
-    return functools.partial(load_tfds_corrupted, data_dir=data_dir)
+    corrupted = functools.partial(load_tfds_corrupted, data_dir=data_dir)
+    corrupted.source = "the published CIFAR-10-C images (tfds cifar10_corrupted)"  # what the report names
+    return corrupted
 
 
 def corruption_accuracy(predict: Predictor, corrupted: CorruptedSet, names: Sequence[str],
@@ -130,19 +132,20 @@ def _subset(test: Split, count: int | None, key: jax.Array) -> Split:
     """``count`` test images drawn at random with ``key`` (sorted, so classes stay mixed as drawn), or all."""
     if count is None or count >= len(test):
         return test
-    if count < 1:
-        raise ConfigError(f"corruption_images {count} must be >= 1 (or None for the whole test set)")
     index = np.sort(np.asarray(jax.random.permutation(jax.random.fold_in(key, 999), len(test)))[:count])
     return test.take(index)
 
 
-def _check_request(names: Sequence[str], severities: Sequence[int]) -> None:
+def _check_request(names: Sequence[str], severities: Sequence[int], corruption_images: int | None) -> None:
+    """Refuse a request :func:`evaluate_robustness` cannot serve, before it evaluates anything."""
     unknown = sorted(set(names) - set(corruption_names()))
     if unknown:
         raise ConfigError(f"unknown corruption(s) {unknown}: use some of {corruption_names()}")
     bad = sorted(set(severities) - set(SEVERITIES))
     if bad:
         raise ConfigError(f"corruption severities {bad} are not in 1..5")
+    if corruption_images is not None and corruption_images < 1:
+        raise ConfigError(f"corruption_images {corruption_images} must be >= 1 (or None for the whole test set)")
 
 
 def evaluate_robustness(result: FitResult, test: Split, *, corruptions: Sequence[str] | None = None,
@@ -154,17 +157,18 @@ def evaluate_robustness(result: FitResult, test: Split, *, corruptions: Sequence
     (:func:`clean_metrics`: accuracy, calibration, per-class accuracy, disagreement, ensemble) and
     ``corruptions`` (:func:`corruption_accuracy`; every corruption of :mod:`jaxcifar.data.corruptions` unless
     ``corruptions`` names some, ``[]`` for none). The corrupted sets are ``test`` corrupted on the device with
-    ``key`` (default ``PRNGKey(0)``), or ``corrupted(name, severity)`` when given (e.g. :func:`tfds_corruptions`).
+    ``key`` (default ``PRNGKey(0)``), or ``corrupted(name, severity)`` when given (e.g. :func:`tfds_corruptions`;
+    its ``source`` attribute, if any, describes it in the figures).
     ``corruption_images``: corrupt a random subset of that many test images (drawn with ``key``) instead of all,
     to bound the cost: each cell costs K forward passes over its images (generated corruptions only).
     ``weights``: ``'best'`` (the weights the summaries' test accuracy uses), ``'current'`` or ``'ema'``."""
     names = corruption_names() if corruptions is None else list(corruptions)
-    _check_request(names, severities)
+    _check_request(names, severities, corruption_images)
     predict = _predictor_of(result, weights, batch_size or result.config.eval_batch_size)
     out = {"weights": weights, "ece_bins": bins, "clean": clean_metrics(predict, test, bins)}
     if names:
         key = jax.random.PRNGKey(0) if key is None else key
-        source, images = "the caller's corrupted sets", None
+        source, images = getattr(corrupted, "source", "the caller's corrupted sets"), None
         if corrupted is None:
             source = "generated on the device with the CIFAR-10-C parameters (jaxcifar.data.corruptions)"
             subset = _subset(test, corruption_images, key)

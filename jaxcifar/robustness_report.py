@@ -17,9 +17,8 @@ PLOTS = {"ensemble": "ensemble.png", "disagreement": "disagreement.png", "per_cl
 
 
 def _nan(values: Any) -> np.ndarray:
-    """JSON lists (None for NaN) back to a float array."""
-    return np.array([[np.nan if v is None else v for v in row] if isinstance(row, list) else
-                     (np.nan if row is None else row) for row in values], np.float64)
+    """JSON lists (None for NaN) back to a float array (numpy reads None as NaN for a float dtype)."""
+    return np.array(values, np.float64)
 
 
 def plot_ensemble(accuracy: Sequence[float], ensemble: float, labels: Sequence[str], path: Path) -> None:

@@ -112,6 +112,7 @@ def test_reference_trains_a_named_recipe_beside_the_reported_figures(tmp_path):
 @pytest.mark.parametrize(("flags", "message"), [
     (["--corruptions", "fog"], "unknown ['fog']"),
     (["--severities", "0,9"], "--severities"),
+    (["--corruption-images", "0"], "--corruption-images 0"),
     (["--recipe", "baseline", "--width", "2"], "--width applies"),
 ])
 def test_robustness_bad_flags_fail_before_anything_is_written(tmp_path, flags, message):

@@ -340,7 +340,7 @@ def _read_tfds(name: str, data_dir: str | None, download: bool) -> dict[str, np.
         raw = {s: _tfds_split_arrays(tfds, builder, s) for s in SPLITS}
     except Exception as e:
         raise DataError(
-            f"tfds could not load {name} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            f"tfds could not load {name} ({first_line(e)}); "
             f"offline? pass --data PATH to an ImageFolder directory or zip"
         ) from e
     features = builder.info.features
@@ -388,8 +388,13 @@ def load_tfds_corrupted(corruption: str, severity: int, data_dir: str | None = N
     so it needs the internet or a ``data_dir`` where it was prepared). Raises ``DataError`` naming the fix."""
     tfds = _import_tfds()
     name = f"cifar10_corrupted/{corruption}_{severity}"
-    builder = tfds.builder(name, data_dir=data_dir)
-    if not builder.is_prepared():
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+        prepared = builder.is_prepared()
+    except Exception as e:
+        raise DataError(f"tfds does not know {name} ({first_line(e)}): use the generated corruptions "
+                        "(--corruptions all)") from e
+    if not prepared:
         if not download:
             raise DataError(f"tfds has no prepared {name} in {builder.data_dir}: allow the download or pass the "
                             "data_dir where it was prepared")
@@ -398,7 +403,6 @@ def load_tfds_corrupted(corruption: str, severity: int, data_dir: str | None = N
         builder.download_and_prepare()
         raw = _tfds_split_arrays(tfds, builder, "test")
     except Exception as e:
-        raise DataError(f"tfds could not load {name} ({type(e).__name__}: {str(e).splitlines()[0][:200]}): it "
-                        "needs the internet or a prepared tfds data_dir; use the generated corruptions instead "
-                        "(--corruptions all)") from e
+        raise DataError(f"tfds could not load {name} ({first_line(e)}): it needs the internet or a prepared tfds "
+                        "data_dir; use the generated corruptions instead (--corruptions all)") from e
     return Split(np.asarray(raw["image"], np.uint8), np.asarray(raw["label"], np.int32))

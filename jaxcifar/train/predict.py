@@ -84,7 +84,7 @@ def load_trained(directory: str | Path, which: str | int = "best", run: int = 0,
     states = [init_state(inference, fns, r) for r in runs]
     run_axis = meta.get("run_axis", meta.get("vmapped"))  # checkpoints before 0.2 call it "vmapped"
     fields = WEIGHT_FIELDS + (("ema",) if ema else ())
-    state, _ = ckpt.restore(directory, stack_states(states) if run_axis else states[0], step, fields=fields)
+    state = ckpt.read_state(manager, directory, step, stack_states(states) if run_axis else states[0], fields)
     if run_axis:
         state = unstack_state(state, run)
     variables = state.weights("ema" if ema else "best" if which == "best" else "current")
