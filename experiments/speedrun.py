@@ -1,13 +1,15 @@
-"""Speedrun: the airbench-class CIFAR-10 recipe, N runs, mean test accuracy and mean training time.
+"""Speedrun: a CIFAR-10 record recipe, N runs, mean test accuracy and mean training time.
 
-    python -m experiments.speedrun --data ../shared/data/cifar10_jpeg.zip --runs 5 [--quick]
+    python -m experiments.speedrun --data ../shared/data/cifar10_jpeg.zip --runs 5 [--recipe muon] [--quick]
 
-Each run trains ``configs.speedrun`` (SpeedrunNet, batch 1024, 10 epochs on all 50000 training images, no
-validation split) with its own seed. A run's time is training only: ``fit`` compiles every piece ahead of
-time and reports compilation separately (as airbench does), and later runs reuse the compiled program. Test
-accuracy is that of the last weights with test-time augmentation (``--tta``). Writes into --out:
-results.json (every run, config, versions, device), report.md, accuracy.png and curves.png;
-checkpoints/run_NNN/ make an interrupted series resumable (rerun the same command).
+``--recipe airbench94`` (default) trains ``configs.speedrun`` (SpeedrunNet, batch 1024, 10 epochs, Nesterov SGD
+with lookahead); ``--recipe muon`` trains ``configs.speedrun_muon`` (the same net, batch 2000, 8 epochs, Muon for
+the conv filters). Both use all 50000 training images, no validation split, each run with its own seed. A run's
+time is training only: ``fit`` compiles every piece ahead of time and reports compilation separately (as
+airbench does), and later runs reuse the compiled program. Test accuracy is that of the last weights with
+test-time augmentation (``--tta``). Writes into --out: results.json (every run, config, versions, device),
+report.md, accuracy.png and curves.png; checkpoints/run_NNN/ make an interrupted series resumable (rerun the
+same command).
 """
 
 from __future__ import annotations
@@ -26,12 +28,21 @@ from jaxcifar.report import markdown_table, plot_bars, plot_seed_band, seed_stat
 from jaxcifar.train import fit
 from jaxcifar.train.plan import compute_dtype
 
-AIRBENCH = "airbench94: 94.01 % in 3.83 s on an A100 (the family's record: 94 % in about 2.6 s)"
+REFERENCES = {  # the published figures, on the original CIFAR-10
+    "airbench94": "airbench94: 94.01 % in 3.83 s on an A100",
+    "muon": "airbench94_muon: 94.01 % in 2.59 s on an A100 (0.29 PFLOP against airbench94's 0.36)",
+}
+QUICK_BATCH = {"airbench94": 256, "muon": 500}  # --quick trains 5000 images: 20 / 10 steps per epoch
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = cli.common_parser(__doc__.splitlines()[0], epochs=10, batch_size=1024, quick_batch_size=256, val_size=0,
-                          quick_val_size=0, out="runs/speedrun")
+    recipe = cli.preparsed(argv, "--recipe", "airbench94")  # its epochs and batch are the flags' defaults
+    recipe_config = configs.SPEEDRUN_RECIPES.get(recipe, configs.speedrun)()  # an unknown name: the parse says so
+    p = cli.common_parser(__doc__.splitlines()[0], epochs=recipe_config.epochs, batch_size=recipe_config.batch_size,
+                          quick_batch_size=QUICK_BATCH.get(recipe), val_size=0, quick_val_size=0,
+                          out="runs/speedrun")
+    p.add_argument("--recipe", choices=list(configs.SPEEDRUN_RECIPES), default="airbench94",
+                   help="airbench94: Nesterov SGD + lookahead, 10 epochs; muon: Muon for the conv filters, 8 epochs")
     p.add_argument("--runs", type=int, default=5, help="number of runs (seeds seed, seed+1, ...)")
     p.add_argument("--tta", type=int, choices=[0, 1, 2], default=2,
                    help="test-time augmentation: 0 none, 1 mirror, 2 mirror and 1-pixel shifts")
@@ -43,8 +54,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.runs < 1:
         p.error("--runs must be at least 1")
     dtype = compute_dtype(args.dtype, allow_cpu_bfloat16=args.cpu_bfloat16)
-    config = configs.speedrun(epochs=args.epochs, batch_size=args.batch_size, val_size=args.val_size,
-                              tta=args.tta, dtype=dtype, devices=args.devices)
+    config = configs.SPEEDRUN_RECIPES[args.recipe](epochs=args.epochs, batch_size=args.batch_size,
+                                                   val_size=args.val_size, tta=args.tta, dtype=dtype,
+                                                   devices=args.devices)
     config = cli.overridden(config, args)
     out = cli.out_dir(args)
     data = cli.load_data(args)
@@ -90,7 +102,8 @@ def _write(out: Path, args, data, config, runs: list[dict], histories: list[dict
     steps = config.epochs * steps_per_epoch(train_size, config.batch_size)
     images_per_second = steps * config.batch_size / np.mean([r["train_seconds"] for r in runs])
     write_json(out / "results.json", {
-        "experiment": "speedrun", "data": data.source, "train_size": len(data.train), "test_size": len(data.test),
+        "experiment": "speedrun", "recipe": args.recipe, "data": data.source, "train_size": len(data.train),
+        "test_size": len(data.test),
         "config": config.to_dict(), "runs": runs, "statistics": stats, "images_per_second": images_per_second,
         "device": str(jax.devices()[0].device_kind), "histories": histories,
     })
@@ -102,7 +115,7 @@ def _write(out: Path, args, data, config, runs: list[dict], histories: list[dict
              r["final_train_loss"]] for r in runs]
     ci = f", 95 % CI [{stats['ci95_low']:.4f}, {stats['ci95_high']:.4f}]" if stats else ""
     write_text(out / "report.md", "\n\n".join([
-        "# Speedrun (airbench-class recipe)",
+        f"# Speedrun ({args.recipe} recipe)",
         f"{cli.data_line(data, config.val_size)} Batch {config.batch_size}, {config.epochs} epochs, compute "
         f"{config.dtype}, TTA level {config.tta}; device {jax.devices()[0].device_kind} ({env['backend']}), "
         f"jax {env['packages']['jax']}.",
@@ -110,8 +123,9 @@ def _write(out: Path, args, data, config, runs: list[dict], histories: list[dict
         markdown_table(["seed", "test acc (last weights, TTA)", "training s", "compile s", "final train loss"],
                        rows),
         "![accuracy per run](accuracy.png)\n\n![training loss](curves.png)",
-        f"Reference: {AIRBENCH}, on the original CIFAR-10 (the shared JPEG copy costs about a point). A run's "
-        "time covers its training epochs only; compilation happens before, and later runs reuse the program.",
+        f"Reference: {REFERENCES[args.recipe]}, on the original CIFAR-10. The shared JPEG copy costs about 3.5 "
+        "points at this accuracy (airbench94's own code: 90.49 % on it against 94.01 %). A run's time covers its "
+        "training epochs only; compilation happens before, and later runs reuse the program.",
     ]) + "\n")
 
 

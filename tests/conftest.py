@@ -107,3 +107,51 @@ def steps_on_one_batch(config, dataset, steps: int = 8):
         state, m = step(state, batch, jax.random.key(i))
         losses.append(float(m["loss"]))
     return fns, state, losses
+
+
+REAL_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_jpeg.zip"
+
+
+def real_cifar10_subset(cache_dir: Path, train: int = 5000, test: int = 2000):
+    """A seeded random subset of the shared real CIFAR-10 copy (for ``realdata`` tests); fails loudly when the
+    copy is missing."""
+    from jaxcifar.data import Dataset, load_cifar
+
+    assert REAL_ZIP.exists(), f"shared CIFAR-10 copy missing at {REAL_ZIP}: CI must provide ../shared/data"
+    full = load_cifar("cifar10", REAL_ZIP, cache_dir=cache_dir, progress=False)
+    rng = np.random.default_rng(0)
+    return Dataset(full.name, full.train.take(np.sort(rng.permutation(len(full.train))[:train])),
+                   full.test.take(np.sort(rng.permutation(len(full.test))[:test])), full.class_names, None, "subset")
+
+
+def sweep_matches_single_runs(swept, config, data, runs, loss_rtol: float = 1e-4, param_rtol: float = 2e-2) -> None:
+    """Each run of the ``fit(config, data, runs=runs)`` result ``swept`` has its single run's training losses
+    (to ``loss_rtol``) and parameters (each leaf's relative distance below ``param_rtol``)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxcifar.train import fit, unstack_state
+
+    for k, run in enumerate(runs):
+        single = fit(config.replace(**run), data, progress=False)
+        np.testing.assert_allclose(swept.histories[k]["train_loss"], single.history["train_loss"], rtol=loss_rtol)
+        pairs = zip(jax.tree.leaves(unstack_state(swept.state, k).params), jax.tree.leaves(single.state.params),
+                    strict=True)
+        for a, b in pairs:
+            assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < param_rtol
+
+
+class Interrupt(Exception):
+    """Raised by :func:`interrupt_after`'s epoch hook: a fit stopped the way a killed process would be."""
+
+
+def interrupt_after(cfg, dataset, directory, epoch: int, **fit_options) -> None:
+    """``fit`` into ``directory``, killed (an exception from the epoch hook) after epoch ``epoch``."""
+    from jaxcifar.train import fit
+
+    def stop(e, _):
+        if e == epoch:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        fit(cfg, dataset, checkpoint_dir=str(directory), progress=False, on_epoch_end=stop, **fit_options)

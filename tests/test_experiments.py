@@ -218,6 +218,19 @@ def test_speedrun_reports_runs_and_resumes(tmp_path):
     assert bad.returncode == 2 and "different config" in bad.stderr and bad.stderr.strip().count("\n") == 0
 
 
+def test_speedrun_muon_recipe_trains_with_its_own_defaults(tmp_path):
+    out, res = run_tiny(tmp_path, "speedrun", "--recipe", "muon", "--batch-size", "25", "--epochs", "2", "--runs",
+                        "1", "--val-size", "0")
+    assert res["recipe"] == "muon" and res["config"]["optimizer"] == "muon" and res["config"]["muon_ns_steps"] == 3
+    assert res["runs"][0]["train_seconds"] > 0 and "airbench94_muon" in (out / "report.md").read_text()
+    # Without --batch-size the recipe's own batch (2000) applies: too large for 120 images, said in one line.
+    bad = run("--data", str(tmp_path / "tiny.zip"), "--cache-dir", str(tmp_path / "cache"), "--out",
+              str(tmp_path / "o2"), "--recipe", "muon", "--epochs", "1", "--runs", "1", experiment="speedrun")
+    assert bad.returncode == 2 and "batch size 2000" in bad.stderr and bad.stderr.strip().count("\n") == 0
+    unknown = run("--recipe", "lion", experiment="speedrun")
+    assert unknown.returncode == 2 and "invalid choice: 'lion'" in unknown.stderr
+
+
 @pytest.mark.parametrize("quick", [False, True])
 def test_quick_defaults_follow_each_experiment(quick):
     """``--quick`` picks the experiment's quick epochs/batch/validation size; explicit values win."""

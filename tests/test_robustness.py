@@ -3,14 +3,13 @@ and the K-model evaluation on trained models."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
+from conftest import real_cifar10_subset
 from matplotlib.colors import hsv_to_rgb, rgb_to_hsv
 from PIL import Image
 
@@ -25,7 +24,6 @@ from jaxcifar.robustness import evaluate_robustness, seed_predictor
 from jaxcifar.train import fit
 
 KEY = jax.random.PRNGKey(0)
-REAL_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_jpeg.zip"
 
 
 def _images(n: int = 6, seed: int = 0) -> np.ndarray:
@@ -190,13 +188,7 @@ def test_corruptions_degrade_a_model_trained_on_real_cifar10(tmp_path):
     """On natural images every corruption but saturate (which desaturates at severities 1-2 and saturates at
     3-5) costs more accuracy the more severe it is. (Generated data would not do: a blur or JPEG denoises its
     noisy stripes.) Fails loudly when the shared copy is missing."""
-    from jaxcifar.data import Dataset, load_cifar
-
-    assert REAL_ZIP.exists(), f"shared CIFAR-10 copy missing at {REAL_ZIP}: CI must provide ../shared/data"
-    full = load_cifar("cifar10", REAL_ZIP, cache_dir=tmp_path, progress=False)
-    rng = np.random.default_rng(0)
-    data = Dataset(full.name, full.train.take(np.sort(rng.permutation(50000)[:5000])),
-                   full.test.take(np.sort(rng.permutation(10000)[:1000])), full.class_names, None, "subset")
+    data = real_cifar10_subset(tmp_path, test=1000)
     config = configs.baseline(epochs=2, batch_size=64, learning_rate=0.01, val_size=0, log_every=50)
     result = fit(config, data, runs=[{"seed": 0}, {"seed": 1}], progress=False)
     names = [n for n in C.corruption_names() if n != "saturate"]

@@ -3,24 +3,20 @@ triangular schedule, test-time augmentation, the program cache, and the recipe i
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import real_cifar10_subset
 
 from jaxcifar import configs
-from jaxcifar.data import Dataset
 from jaxcifar.errors import ConfigError
 from jaxcifar.models import SpeedrunNet, partial_identity, patch_whitening_kernel
 from jaxcifar.train import TrainConfig, build, fit, init_state, make_optimizer, prepare_data, unit_schedule
 from jaxcifar.train import loop as train_loop
 from jaxcifar.train.program import PROGRAMS
-
-REAL_ZIP = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10_jpeg.zip"
 
 
 def test_whitening_kernel_whitens_patches():
@@ -177,13 +173,7 @@ def test_second_fit_reuses_the_compiled_program(tiny):
 def test_speedrun_recipe_learns_real_cifar10_at_reduced_budget(tmp_path):
     """The recipe at a CPU budget (5000 real training images, 2 epochs of batch 256) must reach far above
     chance on 2000 real test images; fails loudly when the shared copy is missing."""
-    from jaxcifar.data import load_cifar
-
-    assert REAL_ZIP.exists(), f"shared CIFAR-10 copy missing at {REAL_ZIP}: CI must provide ../shared/data"
-    full = load_cifar("cifar10", REAL_ZIP, cache_dir=tmp_path, progress=False)
-    rng = np.random.default_rng(0)
-    data = Dataset(full.name, full.train.take(np.sort(rng.permutation(50000)[:5000])),
-                   full.test.take(np.sort(rng.permutation(10000)[:2000])), full.class_names, None, "subset")
+    data = real_cifar10_subset(tmp_path)
     result = fit(configs.speedrun(epochs=2, batch_size=256), data, progress=False)
     assert result.history["train_loss"][1] < result.history["train_loss"][0]
     assert result.summary["final_test_accuracy"] > 0.45, result.summary

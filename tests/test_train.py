@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import steps_on_one_batch, strip_times
+from conftest import interrupt_after, steps_on_one_batch, strip_times
 
 from jaxcifar.errors import CheckpointError, ConfigError, DataError, TrainingError
 from jaxcifar.train import (
@@ -64,20 +64,6 @@ def test_same_seed_same_numbers_other_seed_differs(tiny):
     assert a.summaries == b.summaries
     assert a.history["train_loss"] != c.history["train_loss"]
     assert len(a.history["interval"]["loss"]) == 2 * (448 // 32 // 4)
-
-
-class Interrupt(Exception):
-    pass
-
-
-def interrupt_after(cfg, dataset, directory, epoch: int) -> None:
-    """``fit`` into ``directory``, killed (an exception from the epoch hook) after epoch ``epoch``."""
-    def stop(e, _):
-        if e == epoch:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        fit(cfg, dataset, checkpoint_dir=str(directory), progress=False, on_epoch_end=stop)
 
 
 def test_interrupted_and_resumed_equals_uninterrupted(tiny, tmp_path):

@@ -43,6 +43,7 @@ TxFactory = Callable[[TrainConfig, int], optax.GradientTransformation]
 
 # Config fields that describe the built-in optimizer: a tx object replaces them all.
 OPTIMIZER_FIELDS = ("optimizer", "learning_rate", "momentum", "nesterov", "weight_decay", "b1", "b2",
+                    "muon_learning_rate", "muon_momentum", "muon_ns_steps", "muon_normalize_weights",
                     "grad_clip_norm", "param_rules", "lookahead_every", "lookahead_decay", "schedule",
                     "warmup_epochs", "step_epochs", "step_factor", "lr_start_factor", "lr_end_factor")
 RESERVED_METRICS = ("loss", "accuracy")

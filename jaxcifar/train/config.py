@@ -14,9 +14,9 @@ from jaxcifar.data.augment import augment_names
 from jaxcifar.errors import ConfigError
 from jaxcifar.models import ACTIVATIONS, INITS, MODELS, TORCH_INIT_MODELS
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("constant", "step", "cosine", "warmup_cosine", "onecycle", "triangular")
-RULE_KEYS = ("lr_scale", "train_epochs")
+OPTIMIZERS = ("sgd", "adam", "adamw", "muon")
+SCHEDULES = ("constant", "step", "cosine", "warmup_cosine", "onecycle", "triangular", "linear")
+RULE_KEYS = ("lr_scale", "train_epochs", "schedule_epochs", "muon")
 LOOPS = ("auto", "scan", "unrolled")
 RUN_STRATEGIES = ("auto", "vmap", "loop")
 PARALLEL = ("auto", "data", "runs")
@@ -42,10 +42,17 @@ class TrainConfig:
     weight_decay: float = 0.0  # coupled (L2 in the gradient) for sgd/adam, decoupled for adamw
     b1: float = 0.9
     b2: float = 0.999
+    # "muon": Muon (Nesterov momentum orthogonalized by Newton-Schulz) for every conv kernel, Nesterov-or-not SGD
+    # with `momentum` / `weight_decay` for the other parameters (a param rule's "muon" moves one either way)
+    muon_learning_rate: float = 0.02
+    muon_momentum: float = 0.95
+    muon_ns_steps: int = 5
+    muon_normalize_weights: bool = False  # rescale each Muon kernel to norm sqrt(fan_out) before its step
     grad_clip_norm: float | None = None
     label_smoothing: float = 0.0
     # Per-parameter rules, first match wins: (regex on the "/"-joined path such as "block0_bn1/bias",
-    # {"lr_scale": gradient multiplier, "train_epochs": epochs before the parameter freezes, 0 = never trained})
+    # {"lr_scale": gradient multiplier, "train_epochs": epochs before the parameter freezes, 0 = never trained,
+    #  "schedule_epochs": the learning-rate schedule runs over these epochs for it, "muon": True/False})
     param_rules: tuple = ()
     lookahead_every: int | None = None  # lookahead: pull the weights to a slow average every k steps (None = off)
     lookahead_decay: float = 0.95**5  # the slow average's decay at the end; it ramps up as (step / total)^3
@@ -55,7 +62,7 @@ class TrainConfig:
     step_epochs: tuple[int, ...] = ()  # "step": multiply by step_factor at these epochs
     step_factor: float = 0.1
     lr_start_factor: float = 0.0  # "triangular": lr x this at step 0, linear up to lr at `warmup_epochs`,
-    lr_end_factor: float = 0.0  # then linear down to lr x this at the end
+    lr_end_factor: float = 0.0  # then linear down to lr x this at the end ("linear": from lr down to lr x this)
     plateau_patience: int | None = None  # reduce-on-plateau of the validation loss (epochs); None = off
     plateau_factor: float = 0.1
     # data
@@ -144,6 +151,11 @@ def validate_config(c: TrainConfig, train_size: int | None = None) -> None:
            f"learning rate {c.learning_rate} must be > 0: e.g. 1e-3")
     _check(c.weight_decay >= 0, f"weight decay {c.weight_decay} must be >= 0")
     _check(0.0 <= c.momentum < 1.0, f"momentum {c.momentum} must be in [0, 1)")
+    _check(math.isfinite(c.muon_learning_rate) and c.muon_learning_rate > 0,
+           f"muon_learning_rate {c.muon_learning_rate} must be > 0: e.g. 0.02")
+    _check(0.0 <= c.muon_momentum < 1.0, f"muon_momentum {c.muon_momentum} must be in [0, 1)")
+    _check(_is_int(c.muon_ns_steps) and c.muon_ns_steps >= 1, f"muon_ns_steps {c.muon_ns_steps!r} must be an "
+           "integer >= 1: e.g. 5")
     _check(0.0 <= c.b1 < 1.0 and 0.0 <= c.b2 < 1.0, f"Adam's b1 {c.b1} and b2 {c.b2} must be in [0, 1): e.g. "
            "0.9 and 0.999")
     for name in ("seed", "split_seed"):
@@ -222,3 +234,5 @@ def _check_rule(rule: Any) -> None:
     _check(not unknown, f"param rule {rule[0]!r} has unknown keys {sorted(unknown)}: use {list(RULE_KEYS)}")
     _check(rule[1].get("lr_scale", 1.0) >= 0, f"param rule {rule[0]!r}: lr_scale must be >= 0")
     _check(rule[1].get("train_epochs", 0) >= 0, f"param rule {rule[0]!r}: train_epochs must be >= 0")
+    _check(rule[1].get("schedule_epochs", 1) > 0, f"param rule {rule[0]!r}: schedule_epochs must be > 0")
+    _check(isinstance(rule[1].get("muon", False), bool), f"param rule {rule[0]!r}: muon must be True or False")

@@ -16,12 +16,15 @@ import jax.numpy as jnp
 import optax
 
 from jaxcifar.errors import ConfigError
+from jaxcifar.train import muon
 from jaxcifar.train.config import TrainConfig
 
 
-def unit_schedule(c: TrainConfig, steps_per_epoch: int) -> Callable[[jnp.ndarray], jnp.ndarray]:
-    """Multiplier of the peak learning rate as a function of the step (peak 1)."""
-    total = max(1, c.epochs * steps_per_epoch)
+def unit_schedule(c: TrainConfig, steps_per_epoch: int,
+                  epochs: float | None = None) -> Callable[[jnp.ndarray], jnp.ndarray]:
+    """Multiplier of the peak learning rate as a function of the step (peak 1), over ``epochs`` (the
+    config's when None; a param rule's ``schedule_epochs`` gives one group a shorter schedule)."""
+    total = max(1, round((c.epochs if epochs is None else epochs) * steps_per_epoch))
     warmup = int(c.warmup_epochs * steps_per_epoch)
     if c.schedule == "constant":
         base = optax.constant_schedule(1.0)
@@ -39,9 +42,11 @@ def unit_schedule(c: TrainConfig, steps_per_epoch: int) -> Callable[[jnp.ndarray
         base = optax.join_schedules([optax.linear_schedule(c.lr_start_factor, 1.0, peak),
                                      optax.linear_schedule(1.0, c.lr_end_factor, max(1, total - peak))], [peak])
         warmup = 0
+    elif c.schedule == "linear":  # airbench94_muon's decay: 1 at step 0, lr_end_factor at the end
+        base = optax.linear_schedule(1.0, c.lr_end_factor, total)
     else:  # "onecycle"
         base = optax.cosine_onecycle_schedule(total, 1.0)
-    if warmup and c.schedule in ("constant", "step", "cosine"):
+    if warmup and c.schedule in ("constant", "step", "cosine", "linear"):
         return optax.join_schedules([optax.linear_schedule(0.0, 1.0, warmup), base], [warmup])
     return base
 
@@ -49,21 +54,11 @@ def unit_schedule(c: TrainConfig, steps_per_epoch: int) -> Callable[[jnp.ndarray
 def make_optimizer(c: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
     """The optax transformation for ``c``; hyper-parameters ``learning_rate`` and ``weight_decay``
     are injected (see module docstring)."""
-    schedule = unit_schedule(c, steps_per_epoch)
-
     def factory(learning_rate, weight_decay):
-        lr = lambda count: learning_rate * schedule(count)  # noqa: E731
         parts = [scale_gradients_by_path(c.param_rules)] if c.param_rules else []
         if c.grad_clip_norm:
             parts.append(optax.clip_by_global_norm(c.grad_clip_norm))
-        if c.optimizer == "adamw":
-            parts.append(optax.adamw(lr, c.b1, c.b2, weight_decay=weight_decay))
-        else:
-            parts.append(optax.add_decayed_weights(weight_decay))
-            if c.optimizer == "sgd":
-                parts.append(optax.sgd(lr, momentum=c.momentum or None, nesterov=c.nesterov))
-            else:
-                parts.append(optax.adam(lr, c.b1, c.b2))
+        parts.extend(_descent(c, learning_rate, weight_decay, steps_per_epoch))
         if any("train_epochs" in r[1] for r in c.param_rules):
             parts.append(freeze_by_path(c.param_rules, steps_per_epoch))
         if c.lookahead_every:
@@ -71,6 +66,97 @@ def make_optimizer(c: TrainConfig, steps_per_epoch: int) -> optax.GradientTransf
         return optax.chain(*parts)
 
     return optax.inject_hyperparams(factory)(learning_rate=c.learning_rate, weight_decay=c.weight_decay)
+
+
+BASE = "base"  # the label of the parameters that the config's optimizer (not Muon) updates
+
+
+def _descent(c: TrainConfig, learning_rate, weight_decay, steps_per_epoch: int) -> list:
+    """The optimizer proper, as transformations to chain. The same for all parameters; or, when parameters
+    differ in their optimizer (Muon) or in their schedule's length, one per group through
+    ``optax.multi_transform``."""
+    labels = group_labels(c)
+    if labels == (BASE,):
+        return _base_optimizer(c, _scheduled(learning_rate, unit_schedule(c, steps_per_epoch)), weight_decay)
+    transforms = {}
+    for label in labels:
+        kind, epochs = _parse_label(label)
+        lr = _scheduled(c.muon_learning_rate if kind == "muon" else learning_rate,
+                        unit_schedule(c, steps_per_epoch, epochs))
+        if kind == "muon":
+            transforms[label] = muon.muon(lr, c.muon_momentum, c.muon_ns_steps, c.muon_normalize_weights)
+        else:
+            transforms[label] = optax.chain(*_base_optimizer(c, lr, weight_decay))
+    return [optax.multi_transform(transforms, lambda params: parameter_labels(c, params))]
+
+
+def _scheduled(peak, schedule: Callable) -> Callable:
+    """The learning rate at a step: ``peak`` (a number or an injected array) times the unit ``schedule``."""
+    return lambda count: peak * schedule(count)
+
+
+def _base_optimizer(c: TrainConfig, lr: Callable, weight_decay) -> list:
+    """The config's optimizer for one group, as transformations to chain: AdamW (decoupled decay), or the
+    decay added to the gradient (PyTorch's coupled L2) followed by SGD (also the non-Muon part of ``"muon"``)
+    or Adam. (A flat list keeps the optimizer state of single-group configs as it has always been.)"""
+    if c.optimizer == "adamw":
+        return [optax.adamw(lr, c.b1, c.b2, weight_decay=weight_decay)]
+    if c.optimizer == "adam":
+        step = optax.adam(lr, c.b1, c.b2)
+    else:
+        step = optax.sgd(lr, momentum=c.momentum or None, nesterov=c.nesterov)
+    return [optax.add_decayed_weights(weight_decay), step]
+
+
+def group_labels(c: TrainConfig) -> tuple[str, ...]:
+    """Every parameter group ``c`` can form: the base optimizer and (with ``optimizer="muon"`` or a rule's
+    ``"muon": True``) Muon, each at the full schedule and at each rule's ``schedule_epochs``."""
+    rules = [options for _, options in c.param_rules]
+    kinds = [BASE]
+    if c.optimizer == "muon" or any(options.get("muon") for options in rules):
+        kinds.append("muon")
+    lengths = [None] + sorted({options["schedule_epochs"] for options in rules if "schedule_epochs" in options})
+    return tuple(_label(kind, epochs) for kind in kinds for epochs in lengths)
+
+
+def _label(kind: str, epochs: float | None) -> str:
+    return kind if epochs is None else f"{kind}@{float(epochs)!r}"
+
+
+def _parse_label(label: str) -> tuple[str, float | None]:
+    kind, _, epochs = label.partition("@")
+    return kind, (float(epochs) if epochs else None)
+
+
+def parameter_labels(c: TrainConfig, params: Any) -> Any:
+    """A tree like ``params`` naming each parameter's group (see :func:`group_labels`): Muon for every kernel
+    of rank 4 (convolutions) when ``optimizer="muon"``, or wherever a rule says ``"muon": True``; the
+    first matching rule's ``schedule_epochs`` picks the schedule's length."""
+    use_muon = _rule_values(c.param_rules, params, "muon", "auto")
+    lengths = _rule_values(c.param_rules, params, "schedule_epochs", 0)  # 0: the config's epochs
+    scales = _rule_values(c.param_rules, params, "lr_scale", 1.0)
+
+    def label(path, x, wanted, epochs, scale):
+        is_muon = (c.optimizer == "muon" and x.ndim == 4) if wanted == "auto" else wanted
+        name = path_name(path)
+        if is_muon and x.ndim < 2:
+            raise ConfigError(f"param rule asks Muon for {name} of shape {x.shape}: Muon needs a kernel of rank "
+                              ">= 2; drop 'muon': True for it")
+        if is_muon and scale != 1.0:
+            raise ConfigError(f"param rule gives Muon's {name} an lr_scale, which Muon's orthogonalization "
+                              "undoes: set muon_learning_rate instead")
+        return _label("muon" if is_muon else BASE, epochs or None)
+
+    return jax.tree_util.tree_map_with_path(label, params, use_muon, lengths, scales)
+
+
+def parameter_groups(c: TrainConfig, params: Any) -> dict[str, list[str]]:
+    """Each group's parameter names (``'block0_conv1/kernel'``, ...), for reports and tests."""
+    groups: dict[str, list[str]] = {label: [] for label in group_labels(c)}
+    labels = parameter_labels(c, params)
+    for path, label in jax.tree_util.tree_leaves_with_path(labels):
+        groups[label].append(path_name(path))
+    return groups
 
 
 def make_plateau(c: TrainConfig) -> optax.GradientTransformationExtraArgs | None:
