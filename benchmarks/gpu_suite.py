@@ -31,10 +31,7 @@ from jaxcifar.data.synthetic import synthetic_cifar
 from jaxcifar.train import fit
 from jaxcifar.versions import environment
 
-REFERENCES = {  # published, on the original CIFAR-10, A100
-    "airbench94": {"accuracy": 0.9401, "seconds": 3.83},
-    "muon": {"accuracy": 0.9401, "seconds": 2.59},
-}
+REFERENCES = configs.SPEEDRUN_PUBLISHED  # on the original CIFAR-10, A100
 
 
 def speedrun_rows(data, runs: int, quick: bool) -> list[dict]:

@@ -49,9 +49,10 @@ def step_ms_per_image(config: TrainConfig, steps: int) -> tuple[float, float]:
 
 def update_ms(config: TrainConfig, repeats: int = 10) -> float:
     """Milliseconds of one optimizer update on the speed net's parameters (no forward or backward pass)."""
-    data = prepare_data(synthetic_cifar(64, 16), config.replace(batch_size=64))
-    fns = build(config.replace(batch_size=64), data)
-    params = init_state(config.replace(batch_size=64), fns, None, data.train[0]).params
+    small = config.replace(batch_size=64)  # the parameters do not depend on the batch
+    data = prepare_data(synthetic_cifar(64, 16), small)
+    fns = build(small, data)
+    params = init_state(small, fns, None, data.train[0]).params
     tx = make_optimizer(config, 25)
     grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
     update = jax.jit(lambda g, s, p: tx.update(g, s, p))

@@ -101,6 +101,9 @@ def speedrun_muon(**overrides: Any) -> TrainConfig:
 
 
 SPEEDRUN_RECIPES = {"airbench94": speedrun, "muon": speedrun_muon}
+# Each speed recipe's published result on the original CIFAR-10 (an A100): accuracy with TTA and seconds per run.
+SPEEDRUN_PUBLISHED = {"airbench94": {"accuracy": 0.9401, "seconds": 3.83},
+                      "muon": {"accuracy": 0.9401, "seconds": 2.59}}
 
 
 # --------------------------------------------------------------------------------------------------------------
