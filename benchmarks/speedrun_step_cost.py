@@ -16,7 +16,7 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from train_throughput import time_python_steps  # this directory is on sys.path when run as a script
 
 import jaxcifar  # noqa: F401  (sets the XLA:CPU flags before JAX starts)
 from jaxcifar import configs
@@ -31,20 +31,8 @@ def step_ms_per_image(config: TrainConfig, steps: int) -> tuple[float, float]:
     data = prepare_data(synthetic_cifar(POOL, 16), config)
     fns = build(config, data)
     state = init_state(config, fns, None, data.train[0])
-    images, labels = data.train
-    step = jax.jit(lambda s, idx, k: fns.train_step(s, (images[idx], labels[idx]), k), donate_argnums=0)
-    rng = np.random.default_rng(0)
-    batches = [jnp.asarray(rng.integers(0, POOL, config.batch_size)) for _ in range(steps + 1)]
-    keys = jax.random.split(jax.random.key(0), steps + 1)
-    t = time.perf_counter()
-    state, m = step(state, batches[0], keys[0])
-    jax.block_until_ready(m)
-    compile_s = time.perf_counter() - t
-    t = time.perf_counter()
-    for i in range(1, steps + 1):
-        state, m = step(state, batches[i], keys[i])
-    jax.block_until_ready(m)
-    return 1e3 * (time.perf_counter() - t) / (steps * config.batch_size), compile_s
+    seconds, compile_s = time_python_steps(fns, state, data.train, config.batch_size, steps)
+    return 1e3 * seconds / config.batch_size, compile_s
 
 
 def update_ms(config: TrainConfig, repeats: int = 10) -> float:

@@ -24,6 +24,25 @@ from jaxcifar.data.synthetic import synthetic_cifar
 from jaxcifar.train import TrainConfig, build, init_state, make_chunk_runner, prepare_data
 
 
+def time_python_steps(fns, state, train: tuple, batch: int, steps: int) -> tuple[float, float]:
+    """(seconds per jitted train step after compilation, compile seconds): one compiling step, then ``steps``
+    timed ones, each on a random batch of the on-device ``train`` (images, labels), dispatched from Python."""
+    images, labels = train
+    step = jax.jit(lambda s, idx, k: fns.train_step(s, (images[idx], labels[idx]), k), donate_argnums=0)
+    rng = np.random.default_rng(0)
+    batches = [jnp.asarray(rng.integers(0, len(labels), batch)) for _ in range(steps + 1)]
+    keys = jax.random.split(jax.random.key(0), steps + 1)
+    t = time.perf_counter()
+    state, m = step(state, batches[0], keys[0])
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t
+    t = time.perf_counter()
+    for i in range(1, steps + 1):
+        state, m = step(state, batches[i], keys[i])
+    jax.block_until_ready(m)
+    return (time.perf_counter() - t) / steps, compile_s
+
+
 def bench_jax(model: str, batch: int, loop: str, steps: int, chunk: int = 16) -> tuple[float, float]:
     cfg = TrainConfig(model=model, batch_size=batch, val_size=0,
                       model_kwargs={"hidden": (512, 512)} if model == "mlp" else {})
@@ -33,18 +52,8 @@ def bench_jax(model: str, batch: int, loop: str, steps: int, chunk: int = 16) ->
     images, labels = data.train
     rng = np.random.default_rng(0)
     if loop == "python":
-        step = jax.jit(lambda s, idx, k: fns.train_step(s, (images[idx], labels[idx]), k), donate_argnums=0)
-        idx = [jnp.asarray(rng.integers(0, 2048, batch)) for _ in range(steps)]
-        keys = jax.random.split(jax.random.key(0), steps)
-        t = time.perf_counter()
-        state, m = step(state, idx[0], keys[0])
-        jax.block_until_ready(m)
-        compile_s = time.perf_counter() - t
-        t = time.perf_counter()
-        for i in range(1, steps):
-            state, m = step(state, idx[i], keys[i])
-        jax.block_until_ready(m)
-        return (steps - 1) * batch / (time.perf_counter() - t), compile_s
+        seconds, compile_s = time_python_steps(fns, state, data.train, batch, steps - 1)
+        return batch / seconds, compile_s
     run = jax.jit(make_chunk_runner(fns, unroll=True if loop == "unrolled" else 1), donate_argnums=0)
     n_chunks = max(2, steps // chunk)
     idx = jnp.asarray(rng.integers(0, 2048, (n_chunks, chunk, batch)))

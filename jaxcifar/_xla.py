@@ -30,11 +30,13 @@ def deterministic_gpu() -> None:
     """Ask XLA for run-to-run identical GPU results (``--xla_gpu_deterministic_ops=true``: no atomics in
     reductions and scatters, deterministic convolution algorithms). It costs speed on a GPU and changes
     nothing on CPU, whose results are already identical run to run. Must run before JAX starts its backend;
-    afterwards the flag would be ignored, so that is an error."""
+    afterwards the flag would be ignored, so that is a ConfigError."""
     from jax._src import xla_bridge
 
+    from jaxcifar.errors import ConfigError
+
     if xla_bridge.backends_are_initialized():
-        raise RuntimeError("deterministic_gpu() must run before the first JAX computation: call it (or pass "
+        raise ConfigError("deterministic_gpu() must run before the first JAX computation: call it (or pass "
                            "--deterministic) at the start of the program")
     flags = os.environ.get("XLA_FLAGS", "")
     if "--xla_gpu_deterministic_ops" not in flags:

@@ -131,6 +131,9 @@ def test_tfds_cifar100_path_with_mock_data(tmp_path, monkeypatch):
     """The tfds code path, offline: tfds.testing.mock_data generates examples from the dataset's specs."""
     import tensorflow_datasets as tfds
 
+    from jaxcifar.data import sources
+
+    monkeypatch.setattr(sources, "_require_host", lambda *args: None)  # mock_data downloads nothing
     with tfds.testing.mock_data(num_examples=12):
         ds = load_cifar("cifar100", cache_dir=tmp_path, use_cache=False, progress=False)
     chex.assert_shape(ds.train.images, (12, 32, 32, 3))
@@ -144,6 +147,18 @@ def test_tfds_offline_failure_is_clear(tmp_path):
     with pytest.raises(DataError, match="pass --data PATH"):
         load_cifar("cifar10", data_dir=str(tmp_path / "tfds"), cache_dir=tmp_path, use_cache=False,
                    download=False)
+
+
+def test_tfds_download_offline_fails_fast_with_the_fix(tmp_path, monkeypatch):
+    """Without a network tfds would retry the download for minutes; the loader checks the host first."""
+    import socket
+
+    def unreachable(*args, **kwargs):
+        raise OSError("no route")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    with pytest.raises(DataError, match="www.cs.toronto.edu, which this machine cannot reach.*--data PATH"):
+        load_cifar("cifar10", data_dir=str(tmp_path / "tfds"), cache_dir=tmp_path, use_cache=False)
 
 
 @pytest.mark.realdata

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.ndimage import map_coordinates
 
 from jaxcifar.data.mix import MIXES, MixFn
@@ -96,9 +97,12 @@ def resize_crop(key: jax.Array, images: jax.Array, size: int = 40) -> jax.Array:
     return _from_float(jax.vmap(crop)(big, ys, xs), images)
 
 
-_GRAY = jnp.array([0.299, 0.587, 0.114])
-_RGB_TO_YIQ = jnp.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-_YIQ_TO_RGB = jnp.linalg.inv(_RGB_TO_YIQ)
+# NumPy, not jnp: a jnp constant built at import would start JAX's backend, after which XLA flags (such as
+# --deterministic's) are ignored.
+_GRAY = np.array([0.299, 0.587, 0.114], np.float32)
+_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_RGB_TO_YIQ = _YIQ.astype(np.float32)
+_YIQ_TO_RGB = np.linalg.inv(_YIQ).astype(np.float32)
 
 
 def color_jitter(

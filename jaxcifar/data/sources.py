@@ -335,9 +335,12 @@ def _read_tfds(name: str, data_dir: str | None, download: bool) -> dict[str, np.
     tfds = _import_tfds()
     try:
         builder = tfds.builder(name, data_dir=data_dir)
-        if download:
+        if download and not builder.is_prepared():
+            _require_host(CIFAR_HOST, name, "pass --data PATH to an ImageFolder directory or zip")
             builder.download_and_prepare()
         raw = {s: _tfds_split_arrays(tfds, builder, s) for s in SPLITS}
+    except DataError:
+        raise
     except Exception as e:
         raise DataError(
             f"tfds could not load {name} ({first_line(e)}); "
@@ -366,19 +369,20 @@ def _tfds_split_arrays(tfds, builder, split: str) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
+CIFAR_HOST = "www.cs.toronto.edu"  # where tfds downloads CIFAR-10 and CIFAR-100 from
 CIFAR10C_HOST = "zenodo.org"  # where tfds downloads CIFAR-10-C from
 
 
-def _require_host(host: str, timeout: float = 5.0) -> None:
-    """Fail fast when ``host`` cannot be reached (tfds would retry an unreachable download for minutes)."""
+def _require_host(host: str, what: str, fix: str, timeout: float = 5.0) -> None:
+    """Fail fast, naming ``fix``, when ``host`` cannot be reached: tfds would retry the download of ``what``
+    for minutes."""
     import socket
 
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
     except OSError as e:
-        raise DataError(f"tfds downloads CIFAR-10-C from {host}, which this machine cannot reach ({first_line(e)}): "
-                        "use the generated corruptions (--corruptions all), or a tfds data_dir where "
-                        "cifar10_corrupted is prepared") from e
+        raise DataError(f"tfds downloads {what} from {host}, which this machine cannot reach "
+                        f"({first_line(e)}): {fix}") from e
 
 
 def load_tfds_corrupted(corruption: str, severity: int, data_dir: str | None = None,
@@ -398,7 +402,8 @@ def load_tfds_corrupted(corruption: str, severity: int, data_dir: str | None = N
         if not download:
             raise DataError(f"tfds has no prepared {name} in {builder.data_dir}: allow the download or pass the "
                             "data_dir where it was prepared")
-        _require_host(CIFAR10C_HOST)
+        _require_host(CIFAR10C_HOST, "CIFAR-10-C", "use the generated corruptions (--corruptions all), or a "
+                      "tfds data_dir where cifar10_corrupted is prepared")
     try:
         builder.download_and_prepare()
         raw = _tfds_split_arrays(tfds, builder, "test")

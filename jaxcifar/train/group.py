@@ -1,4 +1,5 @@
-"""A group of runs trained together in one compiled program: what stays fixed while it trains."""
+"""A group of runs trained together in one compiled program: what stays fixed while it trains, and the
+per-run figures read off its state (divergence, the selection metric, the final summaries)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ from typing import Any
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
+from jaxcifar.errors import TrainingError
 from jaxcifar.train.components import Components, recorded_config
 from jaxcifar.train.config import TrainConfig
+from jaxcifar.train.history import summary
 from jaxcifar.train.parallel import replicate, shard_runs
 from jaxcifar.train.plan import RunPlan
 from jaxcifar.train.program import EpochProgram, EvalPlan, eval_plans
@@ -83,3 +87,56 @@ class Group:
         images, labels = self.data.val if split == "val" else self.data.test
         out = jax.device_get(fn(state, images, labels, *self.eval_plans[split]))
         return {k: np.asarray(v, np.float32).reshape(len(self.runs)) for k, v in out.items()}
+
+    def check_divergence(self, state: TrainState, epoch: int, manager: Any, progress: bool) -> np.ndarray:
+        """Which runs have diverged (bool [runs]). A single run that diverged in ``epoch`` stops training
+        with an error saying how to go on; in a sweep each newly diverged run is reported in one line and stays
+        frozen while the others train on."""
+        diverged_at = np.asarray(jax.device_get(state.diverged_at)).reshape(len(self.runs))
+        newly = [r for r in range(len(self.runs)) if diverged_at[r] == epoch]
+        if newly and not self.meta["run_axis"]:
+            raise TrainingError(f"the loss became NaN/inf in epoch {epoch}: {self._how_to_go_on(manager)}")
+        for r in newly:
+            if progress:
+                tqdm.write(f"run {self.run_ids[r]} {self.runs[r]} diverged (NaN/inf) in epoch {epoch}: its weights "
+                           "get no further updates; the other runs go on")
+        return diverged_at > 0
+
+    def _how_to_go_on(self, manager: Any) -> str:
+        """The advice after a single run diverged: continue from its last checkpoint with a lower learning
+        rate or gradient clipping, or start over with them when it has none."""
+        last = manager.latest_step() if manager is not None else None
+        if last is None:
+            return ("no checkpoint was saved before it; lower the learning rate or set grad_clip_norm and start "
+                    "over (--set learning_rate=... / --set grad_clip_norm=1)")
+        return (f"the last good checkpoint is epoch {last} in {self.checkpoint_dir}; go on from it with a lower "
+                "learning rate or gradient clipping: rerun with --allow-config-change learning_rate,grad_clip_norm "
+                "--set learning_rate=... (fit: resume=ResumeFrom(allow_changes=(...)))")
+
+    def selection_metrics(self, histories: list[dict[str, Any]]) -> dict[str, float]:
+        """The checkpoint's selection metric, named for what it is: the mean over runs of the last epoch's
+        ``val_accuracy``, or ``train_accuracy`` without a validation split."""
+        key = "val_accuracy" if self.has_val else "train_accuracy"
+        return {key: float(np.mean([h[key][-1] for h in histories]))}
+
+    def summaries(self, state: TrainState, histories: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Per run: the best epoch and its selection accuracy, test figures of the best, the last and the
+        averaged weights."""
+        n = len(self.runs)
+        best_acc = np.asarray(jax.device_get(state.best_val_accuracy)).reshape(n)
+        best_ep = np.asarray(jax.device_get(state.best_epoch)).reshape(n)
+        last_ep = np.asarray(jax.device_get(state.epoch)).reshape(n)
+        test_final = self.evaluate(self.program.evaluate, state, "test")
+        same = np.array_equal(best_ep, last_ep)  # the best weights are the last ones: no second evaluation
+        test_best = test_final if same else self.evaluate(self.program.evaluate_best, state, "test")
+        test_ema = self.evaluate(self.program.evaluate_ema, state, "test") if self.has_ema else None
+        diverged_at = np.asarray(jax.device_get(state.diverged_at)).reshape(n)
+        return [summary(float(best_acc[r]), int(best_ep[r]), self.has_val, run_figures(test_best, r),
+                        run_figures(test_final, r), test_ema and run_figures(test_ema, r),
+                        len(histories[r]["epoch"]), int(diverged_at[r]))
+                for r in range(n)]
+
+
+def run_figures(figures: dict[str, np.ndarray], r: int) -> dict[str, float]:
+    """Run ``r``'s entry of per-run figures."""
+    return {k: float(v[r]) for k, v in figures.items()}

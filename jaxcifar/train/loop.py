@@ -24,7 +24,7 @@ import optax
 from tqdm.auto import tqdm
 
 from jaxcifar.data import Dataset
-from jaxcifar.errors import ConfigError, TrainingError
+from jaxcifar.errors import ConfigError
 from jaxcifar.lock import DirectoryLock
 from jaxcifar.train import checkpoint as ckpt
 from jaxcifar.train.callbacks import Callback, CallbackList, EpochHook, Event, JsonlWriter, Start, TensorBoardWriter
@@ -32,8 +32,8 @@ from jaxcifar.train.checkpoint import ResumeFrom
 from jaxcifar.train.compilation import CompileClock
 from jaxcifar.train.components import Components, LossFn, MetricsFn, TxFactory, check_components
 from jaxcifar.train.config import TrainConfig, validate_config
-from jaxcifar.train.group import Group
-from jaxcifar.train.history import append_epoch, interval_means, interval_points, last_epoch, summary
+from jaxcifar.train.group import Group, run_figures
+from jaxcifar.train.history import append_epoch, interval_means, interval_points, last_epoch
 from jaxcifar.train.parallel import replicate
 from jaxcifar.train.plan import RunPlan, halving_group_size, make_plan
 from jaxcifar.train.program import PROGRAMS, EpochProgram, build_program, program_key
@@ -231,16 +231,16 @@ def train_group(g: Group, resume: bool | ResumeFrom, progress: bool, callbacks: 
     with CompileClock() as later:
         for epoch in range(start_epoch + 1, g.config.epochs + 1):
             state = _epoch(g, state, epoch, histories, progress, callbacks)
-            diverged = _check_divergence(g, state, epoch, manager, progress)
+            diverged = g.check_divergence(state, epoch, manager, progress)
             stop = _should_stop(g.config, state, epoch, diverged)
             if manager is not None and (stop or _saves(g.config, epoch)):
                 ckpt.save(manager, epoch, state, {**g.meta, "histories": histories, "config_changes": changes},
-                          _selection_metrics(g, histories))
+                          g.selection_metrics(histories))
             callbacks.on_epoch(Event("epoch", epoch, epoch * g.steps_per_epoch, g.run_ids,
                                      [last_epoch(h) for h in histories], state, histories))
             if stop:
                 break
-        summaries = _summaries(g, state, histories)
+        summaries = g.summaries(state, histories)
     callbacks.on_end(start)
     meta = {**g.meta, **startup, "epoch_compilations": later.compiles, "config_changes": changes}
     return FitResult(g.config, g.runs, histories, summaries, state, None, g.meta["run_axis"], meta)
@@ -263,16 +263,11 @@ def _epoch(g: Group, state: TrainState, epoch: int, histories: list[dict[str, An
     seconds = time.perf_counter() - t0
     for r, h in enumerate(histories):
         append_epoch(h, epoch, g.config.log_every, {k: v[r] for k, v in train_m.items()},
-                     _run_figures(val, r) if g.has_val else None, ema_val and _run_figures(ema_val, r), lrs[r],
+                     run_figures(val, r) if g.has_val else None, ema_val and run_figures(ema_val, r), lrs[r],
                      seconds)
     if progress:
         _print_epoch(g, epoch, train_m, val, seconds)
     return state
-
-
-def _run_figures(figures: dict[str, np.ndarray], r: int) -> dict[str, float]:
-    """Run ``r``'s entry of per-run figures."""
-    return {k: float(v[r]) for k, v in figures.items()}
 
 
 def _per_run(g: Group, values: np.ndarray) -> jax.Array:
@@ -335,43 +330,9 @@ def _print_epoch(g: Group, epoch: int, train_m: dict[str, Any], val: dict[str, A
     tqdm.write(line + f"{seconds:.1f}s")
 
 
-def _check_divergence(g: Group, state: TrainState, epoch: int, manager: Any, progress: bool) -> np.ndarray:
-    """Which runs have diverged (bool [runs]). A single run that diverged in ``epoch`` stops training with
-    an error saying how to go on; in a sweep each newly diverged run is reported in one line and stays frozen
-    while the others train on."""
-    diverged_at = np.asarray(jax.device_get(state.diverged_at)).reshape(len(g.runs))
-    newly = [r for r in range(len(g.runs)) if diverged_at[r] == epoch]
-    if newly and not g.meta["run_axis"]:
-        raise TrainingError(f"the loss became NaN/inf in epoch {epoch}: {_how_to_go_on(g, manager)}")
-    for r in newly:
-        if progress:
-            tqdm.write(f"run {g.run_ids[r]} {g.runs[r]} diverged (NaN/inf) in epoch {epoch}: its weights get no "
-                       "further updates; the other runs go on")
-    return diverged_at > 0
-
-
-def _how_to_go_on(g: Group, manager: Any) -> str:
-    """The advice after a single run diverged: continue from its last checkpoint with a lower learning
-    rate or gradient clipping, or start over with them when it has none."""
-    last = manager.latest_step() if manager is not None else None
-    if last is None:
-        return ("no checkpoint was saved before it; lower the learning rate or set grad_clip_norm and start "
-                "over (--set learning_rate=... / --set grad_clip_norm=1)")
-    return (f"the last good checkpoint is epoch {last} in {g.checkpoint_dir}; go on from it with a lower learning "
-            f"rate or gradient clipping: rerun with --allow-config-change learning_rate,grad_clip_norm --set "
-            f"learning_rate=... (fit: resume=ResumeFrom(allow_changes=(...)))")
-
-
 def _saves(config: TrainConfig, epoch: int) -> bool:
     """Whether epoch ``epoch`` is checkpointed: every ``checkpoint_every`` epochs and the last one."""
     return epoch % config.checkpoint_every == 0 or epoch == config.epochs
-
-
-def _selection_metrics(g: Group, histories: list[dict[str, Any]]) -> dict[str, float]:
-    """The checkpoint's selection metric, named for what it is: the mean over runs of the last epoch's
-    ``val_accuracy``, or ``train_accuracy`` without a validation split."""
-    key = "val_accuracy" if g.has_val else "train_accuracy"
-    return {key: float(np.mean([h[key][-1] for h in histories]))}
 
 
 def _should_stop(config: TrainConfig, state: TrainState, epoch: int, diverged: np.ndarray) -> bool:
@@ -383,24 +344,6 @@ def _should_stop(config: TrainConfig, state: TrainState, epoch: int, diverged: n
         return False
     best_epochs = np.asarray(jax.device_get(state.best_epoch)).reshape(diverged.shape)
     return bool(np.all((epoch - best_epochs >= config.early_stopping_patience) | diverged))
-
-
-def _summaries(g: Group, state: TrainState, histories: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per run: the best epoch and its selection accuracy, test figures of the best, the last and the averaged
-    weights."""
-    n = len(g.runs)
-    best_acc = np.asarray(jax.device_get(state.best_val_accuracy)).reshape(n)
-    best_ep = np.asarray(jax.device_get(state.best_epoch)).reshape(n)
-    last_ep = np.asarray(jax.device_get(state.epoch)).reshape(n)
-    test_final = g.evaluate(g.program.evaluate, state, "test")
-    same = np.array_equal(best_ep, last_ep)  # the best weights are the last ones: no second evaluation
-    test_best = test_final if same else g.evaluate(g.program.evaluate_best, state, "test")
-    test_ema = g.evaluate(g.program.evaluate_ema, state, "test") if g.has_ema else None
-    diverged_at = np.asarray(jax.device_get(state.diverged_at)).reshape(n)
-    return [summary(float(best_acc[r]), int(best_ep[r]), g.has_val, _run_figures(test_best, r),
-                    _run_figures(test_final, r), test_ema and _run_figures(test_ema, r), len(histories[r]["epoch"]),
-                    int(diverged_at[r]))
-            for r in range(n)]
 
 
 def _merged(config: TrainConfig, runs: list[dict[str, Any]], plan: RunPlan, size: int, steps: StepFns,

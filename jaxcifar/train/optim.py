@@ -132,22 +132,22 @@ def parameter_labels(c: TrainConfig, params: Any) -> Any:
     """A tree like ``params`` naming each parameter's group (see :func:`group_labels`): Muon for every kernel
     of rank 4 (convolutions) when ``optimizer="muon"``, or wherever a rule says ``"muon": True``; the
     first matching rule's ``schedule_epochs`` picks the schedule's length."""
-    use_muon = _rule_values(c.param_rules, params, "muon", "auto")
-    lengths = _rule_values(c.param_rules, params, "schedule_epochs", 0)  # 0: the config's epochs
-    scales = _rule_values(c.param_rules, params, "lr_scale", 1.0)
+    rule_for = _rule_lookup(c.param_rules, params)
 
-    def label(path, x, wanted, epochs, scale):
+    def label(path, x):
+        options = rule_for(path)
+        wanted = options.get("muon", "auto")
         is_muon = (c.optimizer == "muon" and x.ndim == 4) if wanted == "auto" else wanted
         name = path_name(path)
         if is_muon and x.ndim < 2:
             raise ConfigError(f"param rule asks Muon for {name} of shape {x.shape}: Muon needs a kernel of rank "
                               ">= 2; drop 'muon': True for it")
-        if is_muon and scale != 1.0:
+        if is_muon and options.get("lr_scale", 1.0) != 1.0:
             raise ConfigError(f"param rule gives Muon's {name} an lr_scale, which Muon's orthogonalization "
                               "undoes: set muon_learning_rate instead")
-        return _label("muon" if is_muon else BASE, epochs or None)
+        return _label("muon" if is_muon else BASE, options.get("schedule_epochs") or None)
 
-    return jax.tree_util.tree_map_with_path(label, params, use_muon, lengths, scales)
+    return jax.tree_util.tree_map_with_path(label, params)
 
 
 def parameter_groups(c: TrainConfig, params: Any) -> dict[str, list[str]]:
@@ -172,21 +172,26 @@ def path_name(path: tuple) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
-def _rule_values(rules, params, key: str, default: float) -> Any:
-    """A tree like ``params`` holding each leaf's ``key`` from the first rule whose regex fully matches its
-    path (``default`` when none does)."""
-    def value(path, _):
-        name = path_name(path)
-        for pattern, options in rules:
-            if re.fullmatch(pattern, name):
-                return options.get(key, default)
-        return default
-
+def _rule_lookup(rules, params) -> Callable[[tuple], dict[str, Any]]:
+    """``rule_for(path)``: the options of the first rule whose regex fully matches a parameter's path (``{}``
+    when none does), after checking that every rule matches some parameter of ``params``."""
     names = [path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
     for pattern, _ in rules:
         if not any(re.fullmatch(pattern, n) for n in names):
             raise ConfigError(f"param rule {pattern!r} matches no parameter: names look like {names[:3]}")
-    return jax.tree_util.tree_map_with_path(value, params)
+
+    def rule_for(path: tuple) -> dict[str, Any]:
+        name = path_name(path)
+        return next((options for pattern, options in rules if re.fullmatch(pattern, name)), {})
+
+    return rule_for
+
+
+def _rule_values(rules, params, key: str, default: float) -> Any:
+    """A tree like ``params`` holding each leaf's ``key`` from the first rule whose regex fully matches its
+    path (``default`` when none does)."""
+    rule_for = _rule_lookup(rules, params)
+    return jax.tree_util.tree_map_with_path(lambda path, _: rule_for(path).get(key, default), params)
 
 
 def scale_gradients_by_path(rules) -> optax.GradientTransformation:
