@@ -37,7 +37,7 @@ def deterministic_gpu() -> None:
 
     if xla_bridge.backends_are_initialized():
         raise ConfigError("deterministic_gpu() must run before the first JAX computation: call it (or pass "
-                           "--deterministic) at the start of the program")
+                          "--deterministic) at the start of the program")
     flags = os.environ.get("XLA_FLAGS", "")
     if "--xla_gpu_deterministic_ops" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} {DETERMINISTIC_GPU_FLAG}".strip()
