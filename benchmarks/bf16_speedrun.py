@@ -29,6 +29,7 @@ import jaxcifar  # noqa: F401  (sets the XLA:CPU flags before JAX starts)
 from jaxcifar import configs
 from jaxcifar.data.stats import normalize
 from jaxcifar.data.synthetic import synthetic_cifar
+from jaxcifar.metrics import accuracy
 from jaxcifar.report import write_json, write_text
 from jaxcifar.train import FitResult, fit, prepare_data
 from jaxcifar.versions import environment
@@ -51,10 +52,9 @@ def recomputed_statistics(result: FitResult, run: int, images: jax.Array) -> dic
     return {"params": state.params, "batch_stats": new["batch_stats"]}
 
 
-def accuracy(result: FitResult, variables: dict[str, Any], images: jax.Array, labels: jax.Array) -> float:
+def test_accuracy(result: FitResult, variables: dict[str, Any], images: jax.Array, labels: jax.Array) -> float:
     """Test accuracy of ``variables`` with the recipe's test-time augmentation."""
-    logits = result.fns.logits(variables, images)
-    return float(jnp.mean(logits.argmax(-1) == labels))
+    return float(accuracy(result.fns.probabilities(variables, images), labels))
 
 
 def run_case(name: str, seeds: int) -> list[dict[str, Any]]:
@@ -70,7 +70,7 @@ def run_case(name: str, seeds: int) -> list[dict[str, Any]]:
         recomputed = []
         for run in range(seeds):
             variables = recomputed_statistics(result, run, train_images)
-            recomputed.append(accuracy(result, variables, test_images, test_labels))
+            recomputed.append(test_accuracy(result, variables, test_images, test_labels))
         trained = [s["final_test_accuracy"] for s in result.summaries]
         rows.append({"case": name, "dtype": dtype, "trained": trained, "recomputed_statistics": recomputed})
         print(f"{name} {dtype}: trained {np.round(trained, 3)}, recomputed {np.round(recomputed, 3)}", flush=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import jaxcifar  # noqa: F401  (XLA flags before JAX starts)
 from jaxcifar import configs
 from jaxcifar.data import load_cifar
 from jaxcifar.data.synthetic import synthetic_cifar
+from jaxcifar.report import write_json, write_text
 from jaxcifar.train import fit
 from jaxcifar.versions import environment
 
@@ -115,9 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     result = {"device": device, "backend": jax.default_backend(), "quick": args.quick, "data": data.source,
               "rows": rows, "references": REFERENCES, "seconds": time.perf_counter() - t0,
               "environment": environment()}
-    (out / "gpu_suite.json").write_text(json.dumps(result, indent=2))
+    write_json(out / "gpu_suite.json", result)
     table = markdown(rows)
-    (out / "gpu_suite.md").write_text(f"# GPU suite on {device}\n\n{table}\n")
+    write_text(out / "gpu_suite.md", f"# GPU suite on {device}\n\n{table}\n")
     print(f"device {device} ({jax.default_backend()}), data {data.source}")
     print(table)
     print(f"results in {out}")
