@@ -139,28 +139,39 @@ def test_tfds_import_hides_gpus_from_tensorflow(monkeypatch):
     assert hidden == [([], "GPU")]
 
 
-def test_gpu_suite_runs_on_cpu_with_quick(tmp_path, capsys):
+def test_gpu_suite_runs_on_cpu_with_quick(tmp_path, capsys, monkeypatch):
     """The one-command GPU benchmark works before anyone has a GPU: every section produces its rows."""
     import importlib.util
+    import json
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.py"
-    spec = importlib.util.spec_from_file_location("gpu_suite", path)
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))  # as when it runs as a script: it imports bf16_accuracy
+    spec = importlib.util.spec_from_file_location("gpu_suite", benchmarks / "gpu_suite.py")
     suite = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(suite)
     suite.main(["--quick", "--out", str(tmp_path)])
-    import json
-
     result = json.loads((tmp_path / "gpu_suite.json").read_text())
-    kinds = [(r["what"], r.get("recipe") or r.get("dtype"), r.get("k") or r.get("dtype")) for r in result["rows"]]
+    rows = result["rows"]
+    kinds = [(r["what"], r.get("recipe") or r.get("model") or r.get("dtype"), r.get("k") or r.get("dtype"))
+             for r in rows]
     assert kinds == [("speedrun", "airbench94", "bfloat16"), ("speedrun", "airbench94", "float32"),
                      ("speedrun", "muon", "bfloat16"), ("speedrun", "muon", "float32"),
                      ("convnet epoch", "float32", "float32"), ("convnet epoch", "bfloat16", "bfloat16"),
-                     ("vmap seeds", None, 1), ("vmap seeds", None, 2)]
-    assert all(0 <= r["test_accuracy_mean"] <= 1 for r in result["rows"][:4])
-    assert result["rows"][2]["reference_a100_seconds"] == 2.59
-    assert result["rows"][-1]["speedup_vs_sequential"] > 0 and result["environment"]["packages"]["jax"]
-    assert "**vmap seeds**" in capsys.readouterr().out and (tmp_path / "gpu_suite.md").exists()
+                     ("vmap seeds", None, 1), ("vmap seeds", None, 2),
+                     ("bf16 accuracy", "improved", None), ("checkpoint", "speedrun", None),
+                     ("convnet epoch, deterministic ops", "float32", "float32"),
+                     ("convnet epoch, deterministic ops", "bfloat16", "bfloat16")]
+    assert all(0 <= r["test_accuracy_mean"] <= 1 for r in rows[:4])
+    assert rows[2]["reference_a100_seconds"] == 2.59
+    assert rows[7]["speedup_vs_sequential"] > 0 and result["environment"]["packages"]["jax"]
+    assert all(0 <= a <= 1 for a in rows[8]["float32"] + rows[8]["bfloat16"])
+    saving = rows[9]
+    assert saving["state_mb"] > 0 and saving["background_blocking_seconds"] > 0
+    assert saving["synchronous_seconds"] > 0
+    assert all(r["images_per_second"] > 0 for r in rows[10:])
+    out = capsys.readouterr().out
+    assert "**vmap seeds**" in out and "**checkpoint**" in out and (tmp_path / "gpu_suite.md").exists()
 
 
 def test_deterministic_option_sets_the_xla_flag_before_jax_starts(monkeypatch):

@@ -1,6 +1,7 @@
 """Orbax checkpoints: the latest N epochs plus the best by the selection metric (validation accuracy, or
 training accuracy for runs without a validation split), each holding the whole training state (a pytree)
-and the loop's JSON metadata (history, config, versions)."""
+and the loop's JSON metadata (history, config, versions), saved in the background (:class:`Saver`) and
+checked against their recorded checksums when read."""
 
 from __future__ import annotations
 
@@ -33,34 +34,73 @@ def _metric(metrics: dict[str, float]) -> float:
     return next(metrics[k] for k in SELECTION_METRICS if k in metrics)
 
 
-def checkpoint_manager(directory: str | Path, keep: int = 2) -> ocp.CheckpointManager:
-    """A manager that keeps the ``keep`` latest epochs and the best one (by the selection metric).
-    Saves are synchronous, so a checkpoint that exists is complete (Orbax writes to a temporary
-    directory and renames it)."""
+def checkpoint_manager(directory: str | Path, keep: int = 2, asynchronous: bool = False) -> ocp.CheckpointManager:
+    """A manager that keeps the ``keep`` latest epochs and the best one (by the selection metric). Orbax
+    writes each checkpoint into a temporary directory and renames it when complete, so a checkpoint that
+    exists is complete, whether it was saved synchronously or in the background (``asynchronous``)."""
     policy = pp.AnyPreservationPolicy([pp.LatestN(n=keep), pp.BestN(get_metric_fn=_metric, n=1)])
     # best_fn as well: Orbax writes the metrics into a checkpoint only when it is set, and without them a
     # restarted manager cannot tell "best" from "latest" (nor prune by it).
     options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=_metric, best_mode="max",
-                                           enable_async_checkpointing=False)
+                                           enable_async_checkpointing=asynchronous)
     return ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
 
-def save(manager: ocp.CheckpointManager, epoch: int, state: Any, meta: dict[str, Any],
-         metrics: dict[str, float]) -> None:
-    """Save epoch ``epoch`` with its selection metric (``{"val_accuracy": x}`` or ``{"train_accuracy": x}``),
-    then record every file's size and SHA-256 beside it (:func:`verify`)."""
-    manager.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                 metrics=metrics)
-    manager.wait_until_finished()
-    if jax.process_index() == 0:
-        step_dir = Path(manager.directory) / str(epoch)
-        payload = json.dumps(_file_digests(step_dir)).encode()
-        atomic_write_bytes(step_dir / CHECKSUMS, lambda f: f.write(payload))
+class Saver:
+    """Saves a group's epochs in the background, so the device trains the next epoch while the last one is
+    written: Orbax's asynchronous save blocks only while it copies the arrays to the host (the state can be
+    donated to the next step right after), then writes them from its own threads.
+
+    A save is finished (and its files' checksums written, :func:`verify`) when the next one starts, or when
+    the ``with`` block ends, normally or by an exception; a process killed while a save is under way leaves
+    only Orbax's temporary directory, which is never read as a checkpoint."""
+
+    def __init__(self, directory: str | Path, keep: int) -> None:
+        self.manager = checkpoint_manager(directory, keep, asynchronous=True)
+        self._pending: int | None = None  # the epoch whose save may still be running
+
+    def save(self, epoch: int, state: Any, meta: dict[str, Any], metrics: dict[str, float]) -> None:
+        """Start saving epoch ``epoch`` with its selection metric (``{"val_accuracy": x}`` or
+        ``{"train_accuracy": x}``) once the previous save has finished; returns once the arrays are on the
+        host."""
+        self.finish()
+        # a copy: Orbax serializes the metadata later, in its own thread, and the histories grow meanwhile
+        meta = json.loads(json.dumps(meta))
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        if self.manager.save(epoch, args=args, metrics=metrics):
+            self._pending = epoch
+
+    def finish(self) -> None:
+        """Wait for the save under way, then record every file's size and SHA-256 beside it."""
+        self.manager.wait_until_finished()
+        epoch, self._pending = self._pending, None
+        if epoch is not None and jax.process_index() == 0:
+            write_checksums(Path(self.manager.directory) / str(epoch))
+
+    def __enter__(self) -> Saver:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> None:
+        """Finish the last save and release Orbax's threads; after a failure in training, a failed save is a
+        warning, so that the original error is the one raised."""
+        try:
+            self.finish()
+            self.manager.close()
+        except Exception as e:
+            if kind is None:
+                raise
+            warn(f"the checkpoint being saved when training stopped is incomplete ({first_line(e)})")
 
 
 # Sizes and SHA-256 of a checkpoint's files, written after Orbax finished it: a damaged file (truncated,
 # deleted, flipped bits, which Orbax does not always notice) is found before anything is read from it.
 CHECKSUMS = "jaxcifar_checksums.json"
+
+
+def write_checksums(step_dir: Path) -> None:
+    """Write :data:`CHECKSUMS` into the finished checkpoint ``step_dir`` (atomically)."""
+    payload = json.dumps(_file_digests(step_dir)).encode()
+    atomic_write_bytes(step_dir / CHECKSUMS, lambda f: f.write(payload))
 
 
 def _file_digests(step_dir: Path) -> dict[str, list[Any]]:

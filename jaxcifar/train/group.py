@@ -12,6 +12,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxcifar.errors import TrainingError
+from jaxcifar.train.checkpoint import Saver
 from jaxcifar.train.components import Components, recorded_config
 from jaxcifar.train.config import TrainConfig
 from jaxcifar.train.history import summary
@@ -88,24 +89,28 @@ class Group:
         out = jax.device_get(fn(state, images, labels, *self.eval_plans[split]))
         return {k: np.asarray(v, np.float32).reshape(len(self.runs)) for k, v in out.items()}
 
-    def check_divergence(self, state: TrainState, epoch: int, manager: Any, progress: bool) -> np.ndarray:
+    def check_divergence(self, state: TrainState, epoch: int, saver: Saver | None, progress: bool) -> np.ndarray:
         """Which runs have diverged (bool [runs]). A single run that diverged in ``epoch`` stops training
         with an error saying how to go on; in a sweep each newly diverged run is reported in one line and stays
         frozen while the others train on."""
         diverged_at = np.asarray(jax.device_get(state.diverged_at)).reshape(len(self.runs))
         newly = [r for r in range(len(self.runs)) if diverged_at[r] == epoch]
         if newly and not self.meta["run_axis"]:
-            raise TrainingError(f"the loss became NaN/inf in epoch {epoch}: {self._how_to_go_on(manager)}")
+            raise TrainingError(f"the loss became NaN/inf in epoch {epoch}: {self._how_to_go_on(saver)}")
         for r in newly:
             if progress:
                 tqdm.write(f"run {self.run_ids[r]} {self.runs[r]} diverged (NaN/inf) in epoch {epoch}: its weights "
                            "get no further updates; the other runs go on")
         return diverged_at > 0
 
-    def _how_to_go_on(self, manager: Any) -> str:
-        """The advice after a single run diverged: continue from its last checkpoint with a lower learning
-        rate or gradient clipping, or start over with them when it has none."""
-        last = manager.latest_step() if manager is not None else None
+    def _how_to_go_on(self, saver: Saver | None) -> str:
+        """The advice after a single run diverged: continue from its last checkpoint (finished first: it may
+        still be saving) with a lower learning rate or gradient clipping, or start over with them when it has
+        none."""
+        last = None
+        if saver is not None:
+            saver.finish()
+            last = saver.manager.latest_step()
         if last is None:
             return ("no checkpoint was saved before it; lower the learning rate or set grad_clip_norm and start "
                     "over (--set learning_rate=... / --set grad_clip_norm=1)")

@@ -108,9 +108,10 @@ def fit(
     other runs finish. ``callbacks`` (see :mod:`jaxcifar.train.callbacks`) are called every ``log_every`` steps and
     every epoch; ``metrics.jsonl`` (and with ``tensorboard`` TensorBoard event files, one directory per run) is
     written into ``log_dir`` (default ``checkpoint_dir``). ``on_epoch_end(epoch, histories)`` is called after
-    every epoch (after its checkpoint, if it has one, is saved). ``body`` (trained ``{"params",
-    "batch_stats"}``, e.g. ``load_trained(dir).variables``) fine-tunes: every module but the classifier
-    ``head`` starts from it.
+    every epoch (after its checkpoint, if it has one, has started saving: checkpoints are written in the
+    background while the next epoch trains, and are complete when ``fit`` returns or raises). ``body``
+    (trained ``{"params", "batch_stats"}``, e.g. ``load_trained(dir).variables``) fine-tunes: every module but
+    the classifier ``head`` starts from it.
     """
     components = Components(model, tx, loss_fn, metrics_fn)
     run_list = _checked_runs(config, runs, components)
@@ -220,7 +221,7 @@ def train_group(g: Group, resume: bool | ResumeFrom, progress: bool, callbacks: 
     with CompileClock() as compiles:
         state, histories, changes = restore_group(g, resume, progress)
         # created after the restore, which may have moved damaged or superseded checkpoints aside
-        manager = ckpt.checkpoint_manager(g.checkpoint_dir, g.config.keep_checkpoints) if g.checkpoint_dir else None
+        saver = ckpt.Saver(g.checkpoint_dir, g.config.keep_checkpoints) if g.checkpoint_dir else None
         start_epoch = int(np.max(jax.device_get(state.epoch)))
         if start_epoch < g.config.epochs:
             g.program.precompile(state, g.data, g.train_index, g.eval_plans)
@@ -228,14 +229,15 @@ def train_group(g: Group, resume: bool | ResumeFrom, progress: bool, callbacks: 
                "compilations": init.compiles + compiles.compiles}
     start = Start(g.run_ids, start_epoch, start_epoch * g.steps_per_epoch)
     callbacks.on_start(start)
-    with CompileClock() as later:
+    # a save runs while the next epoch trains; leaving the block (normally or not) finishes the last one
+    with CompileClock() as later, saver or contextlib.nullcontext():
         for epoch in range(start_epoch + 1, g.config.epochs + 1):
             state = _epoch(g, state, epoch, histories, progress, callbacks)
-            diverged = g.check_divergence(state, epoch, manager, progress)
+            diverged = g.check_divergence(state, epoch, saver, progress)
             stop = _should_stop(g.config, state, epoch, diverged)
-            if manager is not None and (stop or _saves(g.config, epoch)):
-                ckpt.save(manager, epoch, state, {**g.meta, "histories": histories, "config_changes": changes},
-                          g.selection_metrics(histories))
+            if saver is not None and (stop or _saves(g.config, epoch)):
+                saver.save(epoch, state, {**g.meta, "histories": histories, "config_changes": changes},
+                           g.selection_metrics(histories))
             callbacks.on_epoch(Event("epoch", epoch, epoch * g.steps_per_epoch, g.run_ids,
                                      [last_epoch(h) for h in histories], state, histories))
             if stop:
