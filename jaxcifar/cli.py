@@ -129,14 +129,14 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
         from jaxcifar.train.compilation import enable_compile_cache
 
         enable_compile_cache(args.compile_cache)
+    if getattr(args, "distributed", False):  # first: it must precede anything that starts JAX's backend
+        from jaxcifar.train.parallel import initialize_distributed
+
+        initialize_distributed()
     if getattr(args, "require_gpu", False):
         from jaxcifar.train.plan import require_accelerator
 
         require_accelerator()
-    if getattr(args, "distributed", False):
-        from jaxcifar.train.parallel import initialize_distributed
-
-        initialize_distributed()
     if args.epochs is None:
         args.epochs = QUICK_EPOCHS if args.quick else args.full_epochs
     if args.batch_size is None:

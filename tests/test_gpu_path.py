@@ -75,6 +75,33 @@ def test_cpu_backend_refuses_a_required_gpu(monkeypatch):
         require_accelerator()
 
 
+def test_a_cuda_build_running_on_the_cpu_is_named_not_silent(tiny, monkeypatch, capsys):
+    """A CUDA jaxlib that fell back to the CPU (a driver too old for it) no longer trains silently with the
+    CPU defaults: fit says which plugin is installed and how to find out why."""
+    from jaxcifar.train import plan
+
+    monkeypatch.setattr(plan, "_installed", lambda name: name == "jax-cuda12-plugin")
+    assert plan.cuda_fallback("cpu") == "jax-cuda12-plugin" and plan.cuda_fallback("gpu") is None
+    fit(SMALL.replace(epochs=1, model="mlp", model_kwargs={"hidden": (16,)}), tiny, progress=False)
+    assert "jax-cuda12-plugin is installed but JAX runs on the CPU" in capsys.readouterr().err
+    monkeypatch.setattr(plan, "_installed", lambda name: False)
+    assert plan.cuda_fallback("cpu") is None  # a CPU-only install: nothing to say
+
+
+def test_distributed_starts_before_anything_asks_for_the_backend(monkeypatch):
+    """``--distributed --require-gpu``: jax.distributed.initialize must come first (asking for the backend
+    starts it, and initialize refuses to run after that)."""
+    from jaxcifar import cli
+    from jaxcifar.train import parallel
+    from jaxcifar.train import plan as plan_module
+
+    calls = []
+    monkeypatch.setattr(parallel, "initialize_distributed", lambda: calls.append("distributed"))
+    monkeypatch.setattr(plan_module, "require_accelerator", lambda: calls.append("require_gpu"))
+    cli.parse(cli.common_parser("x", epochs=1, batch_size=8, out="o"), ["--require-gpu", "--distributed"])
+    assert calls == ["distributed", "require_gpu"]
+
+
 @pytest.mark.parametrize("name,kwargs", [
     ("mlp", {"hidden": (64,)}),
     ("convnet", {"channels": ((8,), (16,)), "dense": (32,), "batch_norm": True}),

@@ -24,7 +24,7 @@ import optax
 from tqdm.auto import tqdm
 
 from jaxcifar.data import Dataset
-from jaxcifar.errors import ConfigError
+from jaxcifar.errors import ConfigError, warn
 from jaxcifar.lock import DirectoryLock
 from jaxcifar.train import checkpoint as ckpt
 from jaxcifar.train.callbacks import Callback, CallbackList, EpochHook, Event, JsonlWriter, Start, TensorBoardWriter
@@ -35,7 +35,7 @@ from jaxcifar.train.config import TrainConfig, validate_config
 from jaxcifar.train.group import Group, run_figures
 from jaxcifar.train.history import append_epoch, interval_means, interval_points, last_epoch
 from jaxcifar.train.parallel import replicate
-from jaxcifar.train.plan import RunPlan, halving_group_size, make_plan
+from jaxcifar.train.plan import RunPlan, cuda_fallback, halving_group_size, make_plan
 from jaxcifar.train.program import PROGRAMS, EpochProgram, build_program, program_key
 from jaxcifar.train.resume import restore_group
 from jaxcifar.train.runs import concat_runs, memory_budget
@@ -121,6 +121,10 @@ def fit(
     data = _prepared(dataset, config, per_run_split=runs is not None and config.split_per_run)
     validate_config(config, train_size=data.train_size)
     plan = make_plan(config, len(run_list), runs is not None, data.train_size)
+    fallback = cuda_fallback(plan.backend)
+    if fallback:
+        warn(f"{fallback} is installed but JAX runs on the CPU (is the driver too old for it?), so training takes "
+             "the CPU defaults: JAX_PLATFORMS=cuda shows why, --require-gpu (require_accelerator()) stops instead")
     data = _placed(data, plan)
     key = program_key(config, data, plan, components)
     steps = PROGRAMS.get(("steps", key), lambda: build(config, data, plan.data_mesh, components))

@@ -19,6 +19,7 @@ of interpreting the config again.
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -158,6 +159,27 @@ def compute_dtype(requested: str, backend: str | None = None, allow_cpu_bfloat16
     if requested != "auto":
         return requested
     return "float32" if on_cpu else "bfloat16"
+
+
+CUDA_PLUGINS = ("jax-cuda13-plugin", "jax-cuda12-plugin")  # what the cuda13 / cuda12 extras install
+
+
+def cuda_fallback(backend: str | None = None) -> str | None:
+    """The CUDA plugin of JAX that is installed while JAX runs on the CPU anyway (a CUDA build that fell back,
+    e.g. on a driver too old for it), else None. Reads package metadata; asks JAX for its backend only when a
+    plugin is installed."""
+    installed = [name for name in CUDA_PLUGINS if _installed(name)]
+    if not installed or (backend or jax.default_backend()) != "cpu":
+        return None
+    return installed[0]
+
+
+def _installed(distribution: str) -> bool:
+    try:
+        importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def require_accelerator(backend: str | None = None) -> None:
