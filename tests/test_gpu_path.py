@@ -77,15 +77,23 @@ def test_cpu_backend_refuses_a_required_gpu(monkeypatch):
 
 def test_a_cuda_build_running_on_the_cpu_is_named_not_silent(tiny, monkeypatch, capsys):
     """A CUDA jaxlib that fell back to the CPU (a driver too old for it) no longer trains silently with the
-    CPU defaults: fit says which plugin is installed and how to find out why."""
+    CPU defaults: fit says which plugin is installed and how to find out why. Where the platforms were chosen
+    (JAX_PLATFORMS=cpu) or no plugin is installed there is nothing to say."""
     from jaxcifar.train import plan
 
     monkeypatch.setattr(plan, "_installed", lambda name: name == "jax-cuda12-plugin")
-    assert plan.cuda_fallback("cpu") == "jax-cuda12-plugin" and plan.cuda_fallback("gpu") is None
-    fit(SMALL.replace(epochs=1, model="mlp", model_kwargs={"hidden": (16,)}), tiny, progress=False)
-    assert "jax-cuda12-plugin is installed but JAX runs on the CPU" in capsys.readouterr().err
+    chosen = jax.config.jax_platforms
+    try:
+        jax.config.update("jax_platforms", None)  # nothing chosen: JAX picked the CPU by itself
+        assert plan.cuda_fallback("cpu") == "jax-cuda12-plugin" and plan.cuda_fallback("gpu") is None
+        fit(SMALL.replace(epochs=1, model="mlp", model_kwargs={"hidden": (16,)}), tiny, progress=False)
+        assert "jax-cuda12-plugin is installed but JAX runs on the CPU" in capsys.readouterr().err
+        jax.config.update("jax_platforms", "cpu")  # as JAX_PLATFORMS=cpu sets it
+        assert plan.cuda_fallback("cpu") is None
+    finally:
+        jax.config.update("jax_platforms", chosen)
     monkeypatch.setattr(plan, "_installed", lambda name: False)
-    assert plan.cuda_fallback("cpu") is None  # a CPU-only install: nothing to say
+    assert plan.cuda_fallback("cpu") is None
 
 
 def test_distributed_starts_before_anything_asks_for_the_backend(monkeypatch):

@@ -166,10 +166,11 @@ CUDA_PLUGINS = ("jax-cuda13-plugin", "jax-cuda12-plugin")  # what the cuda13 / c
 
 def cuda_fallback(backend: str | None = None) -> str | None:
     """The CUDA plugin of JAX that is installed while JAX runs on the CPU anyway (a CUDA build that fell back,
-    e.g. on a driver too old for it), else None. Reads package metadata; asks JAX for its backend only when a
-    plugin is installed."""
+    e.g. on a driver too old for it), else None; also None when the platforms were chosen
+    (``JAX_PLATFORMS``, ``jax_platforms``): then the CPU is what was asked for, and a CUDA that fails is
+    JAX's own error. Reads package metadata; asks JAX for its backend only when a plugin is installed."""
     installed = [name for name in CUDA_PLUGINS if _installed(name)]
-    if not installed or (backend or jax.default_backend()) != "cpu":
+    if not installed or jax.config.jax_platforms or (backend or jax.default_backend()) != "cpu":
         return None
     return installed[0]
 
