@@ -150,7 +150,8 @@ def test_speedrun_in_bf16_reaches_its_float32_accuracy_on_three_seeds():
     """The speed preset as the GPU runs it (bfloat16 compute) against float32, seeds 0-2, on 1200 generated
     images for 3 epochs. With batch norm's old folded form the bf16 runs ended at 0.16 / 0.60 / 0.21 here
     against 1.00 / 1.00 / 0.96 in float32 (Intel Xeon, XLA:CPU; 0.60 / 0.10 / 0.40 against 0.82 / 1.00 / 1.00
-    on an AMD EPYC); now bf16 gives 1.00 / 1.00 / 1.00 against 0.93 / 1.00 / 0.97 (Intel) and 1.00 each (AMD).
+    on the machine this test was written on); now bf16 gives 1.00 / 1.00 / 1.00 against 0.93 / 1.00 / 0.97
+    (Intel) and 1.00 each (the other machine).
 
     Single seeds scatter by several points in either dtype (the recipe's fast batch-norm average holds only
     the last few batches of 64, and a change in the last bits, another machine's kernels included, moves
