@@ -200,7 +200,7 @@ def test_gpu_suite_runs_on_cpu_with_quick(tmp_path, capsys, monkeypatch):
                      ("speedrun", "muon", "bfloat16"), ("speedrun", "muon", "float32"),
                      ("convnet epoch", "float32", "float32"), ("convnet epoch", "bfloat16", "bfloat16"),
                      ("vmap seeds", None, 1), ("vmap seeds", None, 2),
-                     ("bf16 accuracy", "improved", None), ("checkpoint", "speedrun", None),
+                     ("bf16 accuracy", "speedrun", None), ("checkpoint", "speedrun", None),
                      ("convnet epoch, deterministic ops", "float32", "float32"),
                      ("convnet epoch, deterministic ops", "bfloat16", "bfloat16")]
     assert all(0 <= r["test_accuracy_mean"] <= 1 for r in rows[:4])
