@@ -54,6 +54,8 @@ from jaxcifar.train.checkpoint import Saver
 from jaxcifar.versions import environment
 
 REFERENCES = configs.SPEEDRUN_PUBLISHED  # on the original CIFAR-10, A100
+# --quick trains the speed preset narrow, at a batch the 512 generated images hold, in every section
+QUICK_SPEEDRUN = {"batch_size": 128, "model_kwargs": {"widths": (16, 32, 32)}}
 
 
 def speedrun_rows(data: Dataset, args: argparse.Namespace) -> list[dict]:
@@ -61,9 +63,9 @@ def speedrun_rows(data: Dataset, args: argparse.Namespace) -> list[dict]:
     rows = []
     for (recipe, make), dtype in itertools.product(configs.SPEEDRUN_RECIPES.items(), ("bfloat16", "float32")):
         config = make(dtype=dtype)
-        if args.quick:
-            kwargs = {**config.model_kwargs, "widths": (16, 32, 32)}
-            config = config.replace(epochs=1, batch_size=128, model_kwargs=kwargs)
+        if args.quick:  # Muon's config has model_kwargs of its own: keep them
+            kwargs = {**config.model_kwargs, **QUICK_SPEEDRUN["model_kwargs"]}
+            config = config.replace(epochs=1, batch_size=QUICK_SPEEDRUN["batch_size"], model_kwargs=kwargs)
         accs, secs, compile_s = [], [], []
         for seed in range(args.runs):
             r = fit(config.replace(seed=seed), data, progress=False)
@@ -109,8 +111,7 @@ def bf16_rows(data: Dataset, args: argparse.Namespace) -> list[dict]:
     """The batch-norm models in bfloat16 against float32 (on the quick data: the narrow speed preset for one
     epoch)."""
     if args.quick:
-        narrow = {"batch_size": 128, "model_kwargs": {"widths": (16, 32, 32)}}
-        return model_rows(data, ["speedrun"], epochs=1, seeds=1, overrides=narrow, log=_log)
+        return model_rows(data, ["speedrun"], epochs=1, seeds=1, overrides=QUICK_SPEEDRUN, log=_log)
     subset = data.subset(10000, 10000, seed=0)
     return model_rows(subset, ["improved", "resnet20", "speedrun"], epochs=5, seeds=2, log=_log)
 
@@ -122,7 +123,7 @@ def checkpoint_rows(data: Dataset, args: argparse.Namespace) -> list[dict]:
     recipes = {"speedrun": configs.speedrun(), "improved": configs.improved(),
                "resnet18": configs.improved(model="resnet18", model_kwargs={}, dropout_rate=0.0)}
     if args.quick:
-        recipes = {"speedrun": configs.speedrun(batch_size=128, model_kwargs={"widths": (16, 32, 32)})}
+        recipes = {"speedrun": configs.speedrun(**QUICK_SPEEDRUN)}
     rows = []
     for name, config in recipes.items():
         prepared = prepare_data(data, config)
