@@ -112,29 +112,79 @@ def steps_on_one_batch(config, dataset, steps: int = 8):
 REAL_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_jpeg.zip"
 
 
-def real_cifar10_subset(cache_dir: Path, train: int = 5000, test: int = 2000):
-    """A seeded random subset of the shared real CIFAR-10 copy (for ``realdata`` tests); fails loudly when the
-    copy is missing."""
-    from jaxcifar.data import Dataset, load_cifar
+@pytest.fixture(scope="session")
+def real_cifar10(tmp_path_factory):
+    """The shared real CIFAR-10 copy, decoded once per test session into a cache that the xdist workers share
+    (the cache's writes are atomic, so two workers decoding at once is safe); fails loudly when it is missing."""
+    from jaxcifar.data import load_cifar
 
     assert REAL_ZIP.exists(), f"shared CIFAR-10 copy missing at {REAL_ZIP}: CI must provide ../shared/data"
-    full = load_cifar("cifar10", REAL_ZIP, cache_dir=cache_dir, progress=False)
-    rng = np.random.default_rng(0)
+    cache = tmp_path_factory.getbasetemp().parent / "real-cifar10-cache"
+    return load_cifar("cifar10", REAL_ZIP, cache_dir=cache, progress=False)
+
+
+def real_subset(full, train: int = 5000, test: int = 2000, seed: int = 0):
+    """A seeded random subset of a loaded dataset (the real copy loads class by class: never take a prefix)."""
+    from jaxcifar.data import Dataset
+
+    rng = np.random.default_rng(seed)
     return Dataset(full.name, full.train.take(np.sort(rng.permutation(len(full.train))[:train])),
                    full.test.take(np.sort(rng.permutation(len(full.test))[:test])), full.class_names, None, "subset")
 
 
-def sweep_matches_single_runs(swept, config, data, runs, loss_rtol: float = 1e-4, param_rtol: float = 2e-2) -> None:
-    """Each run of the ``fit(config, data, runs=runs)`` result ``swept`` has its single run's training losses
-    (to ``loss_rtol``) and parameters (each leaf's relative distance below ``param_rtol``)."""
+F32 = float(np.finfo(np.float32).eps)  # 1.19e-7: the unit roundoff u of float32 is half of it
+
+
+def sum_bound(n_terms: int, abs_sum, ulp: float = F32):
+    """Worst-case difference between two float32 evaluations of one sum of ``n_terms`` terms in different orders
+    (recursive summation, Higham's gamma_n ~ n u for each, u = eps / 2): ``n_terms * eps * sum |terms|``. Any
+    order XLA or NumPy may pick on any CPU stays inside it."""
+    return n_terms * ulp * np.asarray(abs_sum, np.float64)
+
+
+def binomial_margin(p: float, n: int, sigmas: float = 3.0) -> float:
+    """``sigmas`` standard errors of an accuracy ``p`` measured on ``n`` test images (binomial)."""
+    return sigmas * float(np.sqrt(p * (1 - p) / n))
+
+
+def relative_gap(a, b) -> float:
+    """The largest relative difference between two loss curves."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b) / np.abs(b)))
+
+
+# A run in another program (vmapped: grouped convolutions, another summation order) differs from its single run
+# by ~1e-7 relative at the first step, which training grows chaotically: the 14-21-step sweeps here stay within
+# 1e-4 on the three CPU types the suite has met at XLA's default optimization level (28 steps reach 2.5e-4:
+# test_reliability allows 1e-3). A measured bound, not a derived one; assert_matches_own_run_only checks that it
+# still tells runs apart (other seeds differ by 4e-3 and more).
+# (Compiled with LLVM at -O1, which orders the two programs' loops differently, the gap reached 4e-4 after 14
+# SGD steps and 9.5e-4 after 21 Muon steps: why the suite does not trade that level for faster compiles.)
+VMAP_LOSS_RTOL = 1e-4
+
+
+def assert_matches_own_run_only(swept_losses, single_losses, rtol: float = VMAP_LOSS_RTOL) -> None:
+    """Run k of a sweep has the training losses of single run k to ``rtol``, and those of every other single run
+    differ by more than 3 x ``rtol``: the tolerance separates "the same run up to rounding" from "another run"
+    (another seed or rate given to the run would fail)."""
+    for k, (swept, own) in enumerate(zip(swept_losses, single_losses, strict=True)):
+        assert relative_gap(swept, own) <= rtol, (k, swept, own)
+        others = [relative_gap(swept, other) for j, other in enumerate(single_losses) if j != k]
+        assert all(gap > 3 * rtol for gap in others), (k, others, rtol)
+
+
+def sweep_matches_single_runs(swept, config, data, runs, param_rtol: float = 2e-2) -> None:
+    """Each run of the ``fit(config, data, runs=runs)`` result ``swept`` has its single run's training losses and
+    no other run's (:func:`assert_matches_own_run_only`), and its parameters: each leaf's relative distance below
+    ``param_rtol`` (~1e-3 for kernels; biases start at 0, so theirs is relative to the updates themselves)."""
     import jax
     import jax.numpy as jnp
 
     from jaxcifar.train import fit, unstack_state
 
-    for k, run in enumerate(runs):
-        single = fit(config.replace(**run), data, progress=False)
-        np.testing.assert_allclose(swept.histories[k]["train_loss"], single.history["train_loss"], rtol=loss_rtol)
+    singles = [fit(config.replace(**run), data, progress=False) for run in runs]
+    assert_matches_own_run_only([h["train_loss"] for h in swept.histories], [s.history["train_loss"] for s in singles])
+    for k, single in enumerate(singles):
         pairs = zip(jax.tree.leaves(unstack_state(swept.state, k).params), jax.tree.leaves(single.state.params),
                     strict=True)
         for a, b in pairs:

@@ -65,5 +65,9 @@ def test_two_processes_train_and_resume_like_one(tmp_path):
     assert both["loss"][0] == first["loss"][0]  # epoch 1 came from the checkpoint
     # Each process computes half of every batch and the gradients are all-reduced: the same training up to
     # float summation order.
+    # 1e-7 relative per step (one reduction's summation order), amplified over the 2 x 14 SGD steps to
+    # ~1e-4 (measured on the 4-device test: test_parallel); 1e-3 leaves a factor 10.
     assert both["loss"] == __import__("pytest").approx(one["loss"], rel=1e-3)
-    assert both["val"] == one["val"]
+    # A validation prediction flips only where its two largest logits are within that difference: at most one
+    # of the 64 images.
+    assert both["val"] == __import__("pytest").approx(one["val"], abs=1 / 64)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import interrupt_after, real_cifar10_subset, strip_times, sweep_matches_single_runs
+from conftest import interrupt_after, real_subset, strip_times, sweep_matches_single_runs
 from optax.contrib import MuonState
 
 from jaxcifar import configs
@@ -49,6 +49,10 @@ def test_muon_step_matches_the_reference_for_conv_and_dense_kernels(shape):
     ours = np.asarray(kernel + update)
     to_torch = (3, 2, 0, 1) if len(shape) == 4 else (1, 0)
     expected = reference_step(np.asarray(kernel).transpose(to_torch), np.asarray(grad).transpose(to_torch), 0.24, 3)
+    # Float32 against a float64 reference: 3 Newton-Schulz iterations of matrix products over up to n = 576
+    # terms, with coefficients up to 4.8; the random-rounding estimate 3 x 4.8 x sqrt(n) u ~ 2e-5 relative to
+    # the update (entries ~0.05 after lr 0.24) and to the rescaled weight (~0.05): within 2e-4 relative and
+    # 2e-5 absolute with a factor 10 to spare.
     np.testing.assert_allclose(ours, expected.transpose(np.argsort(to_torch)), rtol=2e-4, atol=2e-5)
     assert np.linalg.norm(ours) != pytest.approx(np.linalg.norm(kernel), rel=0.1)  # the rescaling did act
 
@@ -111,8 +115,9 @@ def test_group_schedule_and_freeze_follow_their_own_epochs():
         update, state = tx.update(grads, state, params)
         steps.append((-float(update["a"][0]), -float(update["b"][0])))
     a, b = np.array(steps).T
+    # Schedule values in [0, 1] computed in float32 with two or three roundings (<= 3 x 6e-8): within 1e-6.
     np.testing.assert_allclose(a[:10], 1 - np.arange(10) / 10, atol=1e-6)
-    np.testing.assert_allclose(a[10:], 0.0, atol=1e-7)  # its schedule has ended
+    np.testing.assert_array_equal(a[10:], 0.0)  # its schedule has ended: the rate is multiplied by an exact 0
     np.testing.assert_allclose(b, 1 - np.arange(14) / 40, atol=1e-6)
 
 
@@ -143,7 +148,7 @@ def test_muon_sweep_on_gpu_defaults_matches_single_runs_and_resumes_exactly(tiny
     float tolerance, and an interrupted sweep resumes bit for bit on CPU through Orbax (the grouped optimizer
     state holds optax's masked nodes). Gentler rates than the recipe's: at its own (bias lr 106, Muon 0.24) 21
     steps on 448 noisy images are chaotic, and the float-level difference of a vmapped program (1e-6 after the
-    first epoch) grows to 3 % of the loss by the third; here it stays at 1e-6."""
+    first epoch) grows to 3 % of the loss by the third; here it stays below 1e-3 (conftest.VMAP_LOSS_RTOL)."""
     config = configs.speedrun_muon(epochs=3, batch_size=64, eval_batch_size=128, loop="scan", run_strategy="vmap",
                                    learning_rate=20.0, muon_learning_rate=0.05, log_every=4,
                                    model_kwargs={"logit_scale": 3**0.5 / 16, "widths": (8, 16, 16)})
@@ -161,10 +166,19 @@ def test_muon_sweep_on_gpu_defaults_matches_single_runs_and_resumes_exactly(tiny
 
 
 @pytest.mark.realdata
-def test_muon_recipe_learns_real_cifar10_at_reduced_budget(tmp_path):
-    """5000 real training images, 3 epochs of batch 500: far above chance on 2000 real test images (0.69
-    measured; airbench94's recipe reaches 0.55 at 2 epochs of batch 256 on the same images)."""
-    data = real_cifar10_subset(tmp_path)
-    result = fit(configs.speedrun_muon(epochs=3, batch_size=500), data, progress=False)
+@pytest.mark.parametrize("train, batch_size, widths, floor", [
+    # Narrow, 2500 images: over 5 seeds (subset and init; Zen 4) 0.548-0.589, mean 0.567, std 0.015 (the
+    # test set's own binomial error is 0.011): the floor is the mean less 3 standard deviations.
+    pytest.param(2500, 250, (32, 64, 64), 0.52, id="narrow"),
+    # The recipe's widths, 5000 images: 0.69 measured (seed 0, two machines); airbench94's recipe reaches 0.55
+    # at 2 epochs of batch 256 on the same images.
+    pytest.param(5000, 500, None, 0.55, id="full", marks=pytest.mark.slow)])
+def test_muon_recipe_learns_real_cifar10_at_reduced_budget(real_cifar10, train, batch_size, widths, floor):
+    """3 epochs on real training images: far above chance on 2000 real test images."""
+    data = real_subset(real_cifar10, train=train)
+    config = configs.speedrun_muon(epochs=3, batch_size=batch_size)
+    if widths:
+        config = config.replace(model_kwargs={**config.model_kwargs, "widths": widths})
+    result = fit(config, data, progress=False)
     assert result.history["train_loss"][-1] < result.history["train_loss"][0]
-    assert result.summary["final_test_accuracy"] > 0.55, result.summary
+    assert result.summary["final_test_accuracy"] > floor, result.summary

@@ -23,8 +23,10 @@ SCRIPT = textwrap.dedent('''
     from jaxcifar.train import TrainConfig, fit
     out = {"devices": len(jax.devices())}
     data = synthetic_cifar(512, 128)
+    # A small MLP: what is tested is how batches, gradients and runs are split over devices, which does not
+    # depend on the layers (a conv net only costs compile time here).
     cfg = TrainConfig(epochs=2, batch_size=32, val_size=64, learning_rate=0.01, log_every=4, unroll=2,
-                      eval_batch_size=64)
+                      eval_batch_size=64, model="mlp", model_kwargs={"hidden": [64]})
     r4 = fit(cfg.replace(devices=4, epochs=1), data, progress=False)
     r1 = fit(cfg.replace(devices=1, epochs=1), data, progress=False)
     out["loss"] = [r4.history["interval"]["loss"], r1.history["interval"]["loss"]]
@@ -77,7 +79,9 @@ def test_four_devices_match_one_device(four_devices):
     assert len(four) == len(one) == 3
     for a, b in zip(four, one, strict=True):
         assert abs(a - b) <= 1e-3 * abs(b)
-    assert four_devices["val"][0] == four_devices["val"][1]
+    # A validation prediction flips only where its two largest logits are closer than that float-level
+    # difference: at most one of the 64 images (as in the sweep below).
+    assert four_devices["val"][0] == pytest.approx(four_devices["val"][1], abs=1 / 64)
 
 
 def test_indivisible_global_batch_is_rejected(four_devices):
@@ -96,7 +100,8 @@ def test_sweep_shards_its_runs_over_four_devices(four_devices):
     assert four_devices["runs_mode"] == ["runs", "data"]
     assert four_devices["runs_shards"] == [4, 1, 4]  # 4 devices, each holding 1 of the 4 runs
     # Each device computes its run with the same operations as the one-device vmapped program, except that
-    # XLA may group the per-run convolutions differently: float rounding only.
+    # XLA may group the per-run matrix products differently: float rounding only, 1e-6 relative per step,
+    # below 1e-4 after one epoch's 14 steps.
     sharded, single = four_devices["runs_loss"]
     for a, b in zip(sharded, single, strict=True):
         assert a == pytest.approx(b, rel=1e-4)

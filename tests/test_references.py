@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import F32
 
 from jaxcifar import configs
 from jaxcifar.data.augment import random_rotation, resize_crop
@@ -82,7 +83,8 @@ def test_torch_init_bounds_kernels_and_biases_by_fan_in():
 def test_exact_gelu_and_channel_dropout():
     x = jnp.linspace(-4, 4, 101)
     exact = 0.5 * x * (1 + jax.scipy.special.erf(x / jnp.sqrt(2.0)))
-    np.testing.assert_allclose(ACTIVATIONS["gelu_exact"](x), exact, atol=1e-6)
+    # The same float32 formula up to the order of two products: a few roundings of values up to 4 (~5e-7).
+    np.testing.assert_allclose(ACTIVATIONS["gelu_exact"](x), exact, atol=4 * 4 * F32)
     assert float(jnp.abs(ACTIVATIONS["gelu"](x) - exact).max()) > 1e-4  # the tanh form differs
     ones = jnp.ones((4, 6, 6, 32))
     out = Dropout(broadcast_dims=(1, 2)).apply({}, ones, 0.5, True, rngs={"dropout": jax.random.PRNGKey(0)})
@@ -99,7 +101,8 @@ def test_report_d_improved_adam_decay_is_coupled_l2():
     grads = {"w": jnp.full((2, 3), 0.3)}
     ours, _ = tx.update(grads, tx.init(params), params)
     expected, _ = reference.update(grads, reference.init(params), params)
-    np.testing.assert_allclose(ours["w"], expected["w"], rtol=1e-6)
+    # The same float32 arithmetic in the same order, up to a fused multiply-add: a few roundings (< 1e-6).
+    np.testing.assert_allclose(ours["w"], expected["w"], rtol=8 * F32)
     assert config.plateau_patience == 5 and config.plateau_factor == 0.5
 
 

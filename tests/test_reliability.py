@@ -182,7 +182,10 @@ def test_a_diverging_run_in_a_sweep_is_frozen_and_the_others_finish(tiny, strate
     assert [s["diverged_at_epoch"] for s in swept.summaries] == [None, 1, None]
     assert swept.summaries[1]["best_epoch"] == 0  # never "best" after it diverged
     single = fit(cfg.replace(learning_rate=0.02, split_seed=0), tiny, progress=False)
-    rtol = 1e-6 if strategy == "loop" else 1e-3  # vmap: grouped convolutions, another summation order
+    # loop: the single run's operations (a re-associated reduction at most: ~1e-7 grown over 28 steps, 1e-5);
+    # vmap: grouped convolutions, another summation order throughout, grown over 28 steps to 2.5e-4 (measured,
+    # Zen 4): 1e-3 (conftest.VMAP_LOSS_RTOL is for the 14-21-step sweeps)
+    rtol = 1e-5 if strategy == "loop" else 1e-3
     np.testing.assert_allclose(swept.histories[2]["train_loss"], single.history["train_loss"], rtol=rtol)
     assert swept.histories[1]["train_loss"][1] is None  # NaN is recorded as None (valid JSON)
     note = divergence_note(["a", "b", "c"], swept.summaries)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import strip_times
+from conftest import F32, strip_times
 
 from jaxcifar.data import make_pipeline, register_augmentation
 from jaxcifar.data.mix import cutmix, mixup
@@ -99,7 +99,9 @@ def test_own_module_optimizer_mixup_and_metric_learn_resume_exactly_and_restore(
 
     trained = load_trained(ck, "latest", model=TinyCNN())
     expect = jax.jit(full.fns.probabilities)(full.state.variables, tiny.test.images[:16])
-    np.testing.assert_allclose(trained.probabilities(tiny.test.images[:16]), expect, rtol=1e-6)
+    # Restored weights are bit-identical; only the prediction program may differ (batching, fusion): the
+    # softmax of logits that moved by a few roundings, relative 1e-6 of probabilities themselves.
+    np.testing.assert_allclose(trained.probabilities(tiny.test.images[:16]), expect, rtol=1e-6, atol=1e-7)
     with pytest.raises(CheckpointError, match="model=<that module>"):
         load_trained(ck)
     with pytest.raises(CheckpointError, match="fields differ"):
@@ -113,6 +115,8 @@ def test_run_axis_over_the_learning_rate_of_an_injected_user_optimizer_matches_s
         tx = optax.inject_hyperparams(optax.adamw)(learning_rate=run["learning_rate"], weight_decay=1e-4)
         config = CFG.replace(epochs=1, seed=run["seed"], split_seed=0)  # the sweep's split
         single = fit(config, tiny, model=TinyCNN(), tx=tx, progress=False)
+        # The loop strategy traces each run with the single run's operations; only XLA's fusion of the larger
+        # program may re-associate a reduction (~1e-7 relative), which 14 Adam steps grow to ~1e-6: 1e-5.
         np.testing.assert_allclose(history["train_loss"], single.history["train_loss"], rtol=1e-5)
         assert history["lr"] == [pytest.approx(run["learning_rate"])]
 
@@ -205,8 +209,10 @@ def test_mixes_blend_targets_exactly_as_they_blend_the_images(op):
     targets = jax.nn.one_hot(jnp.arange(n), n)
     mixed, soft = jax.jit(op)(jax.random.key(3), images, targets)
     assert mixed.shape == images.shape and soft.shape == targets.shape
-    np.testing.assert_allclose(soft.sum(-1), 1.0, rtol=1e-6)
+    # Two weights lambda and 1 - lambda summed in float32: one rounding of 1 (6e-8).
+    np.testing.assert_allclose(soft.sum(-1), 1.0, rtol=4 * F32)
     assert float(soft.max(-1).min()) < 1.0  # mixed
+    # Means of 3072 float32 values up to 15 (random-rounding estimate sqrt(3072) u ~ 3e-6 relative): 1e-5.
     np.testing.assert_allclose(mixed.mean((1, 2, 3)), soft @ jnp.arange(n, dtype=jnp.float32), rtol=1e-5)
     same, same_targets = op(jax.random.key(3), images, targets, p=0.0)
     np.testing.assert_array_equal(same, images)
@@ -224,7 +230,8 @@ def test_ema_follows_the_formula_and_is_evaluated_beside_the_weights(tiny, tmp_p
     batch = (jnp.asarray(tiny.train.images[:32]), jnp.asarray(tiny.train.labels[:32].astype(np.int32)))
     after, _ = jax.jit(fns.train_step)(state, batch, jax.random.key(0))
     expect = jax.tree.map(lambda a, b: 0.1 * a + 0.9 * b, state.params, after.params)
-    chex.assert_trees_all_close(after.ema["params"], expect, rtol=1e-6, atol=1e-9)
+    # 0.1 a + 0.9 b in float32 either way: two roundings of each term (relative 2.4e-7); atol for exact zeros.
+    chex.assert_trees_all_close(after.ema["params"], expect, rtol=4 * F32, atol=1e-9)
     averaged = load_trained(tmp_path, "latest", ema=True)
     chex.assert_trees_all_close(averaged.variables, jax.device_get(result.state.ema))
     with pytest.raises(ValueError, match="ema_decay"):

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
-from conftest import real_cifar10_subset
+from conftest import F32, binomial_margin, real_subset
 from matplotlib.colors import hsv_to_rgb, rgb_to_hsv
 from PIL import Image
 
@@ -50,8 +50,10 @@ def test_ensemble_of_identical_models_equals_each_model():
     labels = jnp.asarray(rng.integers(0, 10, 200))
     m = seed_metrics(jnp.stack([one] * 4), labels)
     chex.assert_trees_all_close(m["ensemble"]["accuracy"], m["accuracy"][0])
+    # The mean of 4 identical float32 softmaxes is the softmax up to two roundings (1.2e-7 relative) before the
+    # metrics' sums over 200 images: rtol 1e-6 (random-rounding estimate sqrt(200) x 6e-8 ~ 8.5e-7).
     for key in ("ece", "nll", "brier", "bin_count"):
-        chex.assert_trees_all_close(m["ensemble"][key], m[key][0], rtol=1e-6)
+        chex.assert_trees_all_close(m["ensemble"][key], m[key][0], rtol=2e-6)
     np.testing.assert_array_equal(m["disagreement"], np.zeros((4, 4)))
 
 
@@ -63,12 +65,13 @@ def test_ece_is_zero_when_calibrated_and_measures_overconfidence():
         rows += [_toy_probs(confidence)] * 100
         labels += [0] * right + [1] * (100 - right)
     calibrated = calibration(jnp.asarray(np.array(rows)), jnp.asarray(labels))
-    assert float(calibrated["ece"]) < 1e-6
+    assert float(calibrated["ece"]) < 1e-6  # |confidence - accuracy| of float32 sums over 100 images: ~1e-7
     counts = np.asarray(calibrated["bin_count"])
     assert counts.sum() == 400 and (counts > 0).sum() == 4
     # Always 90 % sure but right half the time: ECE 0.4; NLL and Brier by hand.
     probs = jnp.asarray(np.array([_toy_probs(0.9)] * 10))
     over = calibration(probs, jnp.asarray([0] * 5 + [1] * 5))
+    # Float32 means of 10 equal values: a few roundings (< 1e-6 of 0.4); NLL adds float32 logs (rel 1e-7).
     assert float(over["ece"]) == pytest.approx(0.4, abs=1e-6)
     assert float(over["nll"]) == pytest.approx(-(np.log(0.9) + np.log(0.1 / 9)) / 2, rel=1e-5)
     brier_right = 0.1**2 + 9 * (0.1 / 9) ** 2
@@ -107,6 +110,8 @@ def test_colour_corruptions_match_a_hsv_round_trip():
     for shift in C.CORRUPTIONS["brightness"].params:
         hsv = rgb_to_hsv(x)
         hsv[..., 2] = np.clip(hsv[..., 2] + shift, 0, 1)
+        # HSV round trips in float32 (ours) vs float64 (scikit-image-style reference) on values in [0, 1]:
+        # a handful of roundings of numbers <= 1 (~4 x 6e-8 each): 1e-6, far below one grey level (0.004).
         np.testing.assert_allclose(C.brightness(KEY, jnp.asarray(x), shift), hsv_to_rgb(hsv), atol=1e-6)
     for a, b in C.CORRUPTIONS["saturate"].params:
         hsv = rgb_to_hsv(x)
@@ -118,13 +123,16 @@ def test_blurs_match_scipy_filters():
     x = _images(3).astype(np.float32) / 255
     for sigma in C.CORRUPTIONS["gaussian_blur"].params:  # scikit-image's gaussian: truncate 4, nearest edges
         expected = ndi.gaussian_filter(x, sigma=(0, sigma, sigma, 0), mode="nearest", truncate=4.0)
-        np.testing.assert_allclose(C.gaussian_blur(KEY, jnp.asarray(x), sigma), expected, atol=1e-6)
+        # Float32 weighted sums of up to 2 x 25 values in [0, 1] with weights summing to 1 (SciPy: float32
+        # too): worst case 50 eps ~ 6e-6, random-rounding estimate sqrt(50) u ~ 4e-7.
+        np.testing.assert_allclose(C.gaussian_blur(KEY, jnp.asarray(x), sigma), expected, atol=6e-6)
     for params in C.CORRUPTIONS["defocus_blur"].params:  # OpenCV's filter2D: mirrored edges
         kernel = C.disk_kernel(*params)
         assert kernel.sum() == pytest.approx(1.0)
         expected = np.stack([ndi.correlate(x[0, :, :, c], kernel, mode="mirror") for c in range(3)], -1)
+        # One float32 sum of up to 11 x 11 weighted values in [0, 1]: worst case 121 eps ~ 1.5e-5.
         np.testing.assert_allclose(C.defocus_blur(KEY, jnp.asarray(x[:1]), params)[0], np.clip(expected, 0, 1),
-                                   atol=1e-6)
+                                   atol=121 * F32)
 
 
 def test_pixelate_matches_pil_box_resampling_within_its_rounding():
@@ -171,6 +179,8 @@ def test_evaluation_agrees_with_fit_and_vmap_equals_loop(trained):
     data, result = trained
     figures = evaluate_robustness(result, data.test, corruptions=["contrast"], severities=[1], progress=False)
     clean = figures["clean"]
+    # The same weights in another program: the same predictions unless a logit margin is below rounding (none
+    # in 200 images here), and a float32 mean of 200 zeros and ones is exact to one rounding (6e-8).
     np.testing.assert_allclose(clean["accuracy"], [s["test_accuracy"] for s in result.summaries], atol=1e-6)
     assert clean["summary"]["ensemble_gain"] == pytest.approx(
         clean["ensemble"]["accuracy"] - np.mean(clean["accuracy"]))
@@ -180,28 +190,39 @@ def test_evaluation_agrees_with_fit_and_vmap_equals_loop(trained):
     batched = seed_predictor(result.fns, variables, vmap_runs=True, batch_size=64)(data.test.images)
     looped = seed_predictor(result.fns, variables, vmap_runs=False, batch_size=64)(data.test.images)
     assert batched.shape == (3, 200, 10)
+    # vmapped (grouped convolutions) vs looped: another summation order in each of the ConvNet's sums of up to
+    # 576 products; random-rounding estimate 4 layers x sqrt(576) u ~ 6e-6 of the logits (~1), and a softmax
+    # does not enlarge absolute errors: 1e-5 probabilities.
     np.testing.assert_allclose(batched, looped, atol=1e-5)
 
 
 @pytest.mark.realdata
-def test_corruptions_degrade_a_model_trained_on_real_cifar10(tmp_path):
-    """On natural images every corruption but saturate (which desaturates at severities 1-2 and saturates at
-    3-5) costs more accuracy the more severe it is. (Generated data would not do: a blur or JPEG denoises its
-    noisy stripes.) Fails loudly when the shared copy is missing."""
-    data = real_cifar10_subset(tmp_path, test=1000)
+def test_corruptions_degrade_a_model_trained_on_real_cifar10(real_cifar10):
+    """A model trained on real images (generated data would not do: a blur or JPEG denoises its noisy stripes)
+    loses accuracy to contrast loss, and no corruption makes it better beyond sampling noise as severity grows.
+    Fails loudly when the shared copy is missing.
+
+    What 1000 test images can show, and no more: this 2-epoch model (0.40 clean) loses 0.21 to contrast at
+    severity 5 (13 standard errors), but under most corruptions it changes by less than one standard error
+    (pixelate and JPEG at severity 5: +0.005; a weak model relies on coarse features), so a per-corruption
+    "every severity costs accuracy" check would test the sampling noise, not the corruptions."""
+    data = real_subset(real_cifar10, train=5000, test=1000)
     config = configs.baseline(epochs=2, batch_size=64, learning_rate=0.01, val_size=0, log_every=50)
-    result = fit(config, data, runs=[{"seed": 0}, {"seed": 1}], progress=False)
-    names = [n for n in C.corruption_names() if n != "saturate"]
+    result = fit(config, data, runs=[{"seed": 0}], progress=False)
+    names = [n for n in C.corruption_names() if n != "saturate"]  # saturate desaturates at 1-2, saturates at 3-5
     figures = evaluate_robustness(result, data.test, corruptions=names, severities=[1, 3, 5], progress=False)
-    clean = np.mean(figures["clean"]["accuracy"])
-    assert clean > 0.35
+    clean, n = figures["clean"]["accuracy"][0], len(data.test)
+    assert clean > 0.1 + binomial_margin(0.1, n)  # far above chance: the model learned
     cells = figures["corruptions"]["cells"]
-    tolerance = 5 / len(data.test)  # a few images of sampling noise between neighbouring severities
-    for name in names:
-        curve = [clean] + [np.mean(cells[name][s]["accuracy"]) for s in ("1", "3", "5")]
-        assert all(b <= a + tolerance for a, b in zip(curve, curve[1:], strict=False)), (name, curve)
-        assert curve[-1] < clean, (name, curve)
-    assert figures["corruptions"]["statistics"]["mean"] < clean - 0.01
+    curves = {name: [clean] + [cells[name][s]["accuracy"][0] for s in ("1", "3", "5")] for name in names}
+    for name, curve in curves.items():
+        # Two accuracies on n images each differ by sampling noise of standard error at most
+        # sqrt((p1 (1 - p1) + p2 (1 - p2)) / n) (independent samples; the same images under two severities are
+        # positively correlated, which only narrows it): a rise beyond 3 of those is a real inversion.
+        for a, b in zip(curve, curve[1:], strict=False):
+            assert b <= a + 3 * np.sqrt((a * (1 - a) + b * (1 - b)) / n), (name, curve)
+    contrast = curves["contrast"][-1]
+    assert contrast < clean - 3 * np.sqrt((clean * (1 - clean) + contrast * (1 - contrast)) / n), curves
 
 
 def test_evaluate_robustness_refuses_unknown_requests(trained):
@@ -218,7 +239,7 @@ def test_corruptions_on_a_random_subset_of_the_test_images(trained):
                                   corruption_images=50, progress=False)
     assert figures["corruptions"]["images"] == 50
     correct = np.asarray(figures["corruptions"]["cells"]["brightness"]["2"]["accuracy"]) * 50
-    np.testing.assert_allclose(correct, np.round(correct), atol=1e-6)  # counts out of 50 images
+    np.testing.assert_allclose(correct, np.round(correct), atol=1e-4)  # counts out of 50 (float32 mean x 50)
     assert len(figures["clean"]["per_class_accuracy"][0]) == 10  # the clean figures use the whole test set
     with pytest.raises(ConfigError, match="corruption_images 0"):
         evaluate_robustness(result, data.test, corruption_images=0, progress=False)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import real_cifar10_subset
+from conftest import real_subset
 
 from jaxcifar import configs
 from jaxcifar.errors import ConfigError
@@ -19,17 +19,38 @@ from jaxcifar.train import loop as train_loop
 from jaxcifar.train.program import PROGRAMS
 
 
+def conv(x, kernel):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
 def test_whitening_kernel_whitens_patches():
     rng = np.random.default_rng(0)
     mix = rng.normal(size=(3, 3))
     images = jnp.asarray(rng.normal(size=(64, 8, 8, 3)) @ mix, jnp.float32)  # correlated channels
     kernel = patch_whitening_kernel(images, size=2, eps=1e-6)
     assert kernel.shape == (2, 2, 3, 24)
-    out = jax.lax.conv_general_dilated(images, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    flat = np.asarray(out).reshape(-1, 24)
+    flat = np.asarray(conv(images, kernel), np.float64).reshape(-1, 24)
     second_moment = flat[:, :12].T @ flat[:, :12] / len(flat)
-    np.testing.assert_allclose(second_moment, np.eye(12), atol=2e-3)
-    np.testing.assert_allclose(flat[:, 12:], -flat[:, :12], rtol=1e-6)
+    # Float32 error analysis: eigh of the 12 x 12 patch covariance has backward error ~ n * eps * ||C||, which
+    # moves the whitened moment from I by ~ n * eps * cond(C); the regularization eps=1e-6 adds eps / lambda_min.
+    # cond(C) is computed here (not assumed), with a constant of 10 for the covariance sum and the conv.
+    eigenvalues = np.linalg.eigvalsh(_patch_covariance(images))
+    f32 = np.finfo(np.float32).eps
+    bound = 10 * 12 * f32 * eigenvalues[-1] / eigenvalues[0] + 1e-6 / eigenvalues[0]
+    np.testing.assert_allclose(second_moment, np.eye(12), atol=bound)
+    # The second half of the kernel is the first negated: each output is a sum of 12 products, computed in
+    # float32 in an order XLA may choose per output channel, so each side is within 12 * eps * sum|w x| of the
+    # exact value (sum|w x| is the conv of |images| with |kernel|); the two sides within twice that.
+    magnitude = np.asarray(conv(jnp.abs(images), jnp.abs(kernel)), np.float64).reshape(-1, 24)[:, :12]
+    assert np.all(np.abs(flat[:, 12:] + flat[:, :12]) <= 2 * 12 * f32 * magnitude)
+
+
+def _patch_covariance(images) -> np.ndarray:
+    """The uncentred covariance of the 2x2 patches of ``images``, in float64."""
+    x = np.asarray(images, np.float64)
+    patches = np.concatenate([x[:, i:7 + i, j:7 + j] for i in range(2) for j in range(2)], axis=-1)
+    flat = patches.reshape(-1, 12)
+    return flat.T @ flat / len(flat)
 
 
 def test_partial_identity_passes_input_channels_through():
@@ -75,6 +96,8 @@ def test_param_rules_freeze_and_scale():
     assert bias[0] > bias[1] > bias[2] and bias[2] == bias[3] == bias[6]  # trained for 1 epoch = 2 steps
     step_bn = 1.0 - float(history[1]["block0_bn0"]["bias"][0])
     step_head = 1.0 - float(history[1]["head"]["kernel"][0])
+    # Two float32 updates of size lr (x64): each 1 - p has a rounding of 1 relative to a step of ~0.1-6.4, so
+    # the ratio carries ~2 x 6e-8 / 0.1 ~ 1.2e-6 relative error: 1e-5.
     np.testing.assert_allclose(step_bn / step_head, 64.0, rtol=1e-5)
 
 
@@ -134,13 +157,17 @@ def test_lookahead_averages_batch_norm_statistics_too(tiny):
     decay = 0.5 * (2 / (len(images) // 64)) ** 3
     s2, _ = step(s1, batches[1], jax.random.key(1))
     expected = jax.tree.map(lambda a, b: decay * a + (1 - decay) * b, s0.batch_stats, fast["batch_stats"])
-    chex.assert_trees_all_close(s2.batch_stats, expected, rtol=1e-5, atol=1e-6)
+    # The same statistics from another program (the step vs apply here): batch means over 64 x 31 x 31 values,
+    # whose float32 random-rounding estimate sqrt(61504) u ~ 1.5e-5 is relative to the activations' scale
+    # (~1): 1e-4 relative with 1e-5 absolute for near-zero entries is 6 times that.
+    chex.assert_trees_all_close(s2.batch_stats, expected, rtol=1e-4, atol=1e-5)
     chex.assert_trees_all_close(lookahead_state(s2).slow_stats, s2.batch_stats)
 
 
 def test_triangular_schedule_shape():
     c = TrainConfig(schedule="triangular", epochs=10, warmup_epochs=2.3, lr_start_factor=0.2, lr_end_factor=0.07)
     s = unit_schedule(c, steps_per_epoch=10)
+    # Piecewise-linear values in float32, a few roundings each (< 3 x 6e-8 relative).
     np.testing.assert_allclose([s(0), s(23), s(100)], [0.2, 1.0, 0.07], rtol=1e-6)
     assert s(10) < s(20) and s(50) > s(80)
 
@@ -153,6 +180,8 @@ def test_mirror_tta_is_flip_invariant(tiny):
         fns = build(config, data)
         variables = init_state(config, fns, None, data.train[0]).variables
         a, b = fns.logits(variables, images), fns.logits(variables, images[:, :, ::-1])
+        # With TTA both orders average the same two views (exact up to the summation order of two terms: 1e-7 of
+        # logits ~1); without it a flip changes logits by far more than 1e-5.
         assert np.allclose(a, b, atol=1e-5) == invariant
 
 
@@ -170,10 +199,19 @@ def test_second_fit_reuses_the_compiled_program(tiny):
 
 
 @pytest.mark.realdata
-def test_speedrun_recipe_learns_real_cifar10_at_reduced_budget(tmp_path):
-    """The recipe at a CPU budget (5000 real training images, 2 epochs of batch 256) must reach far above
-    chance on 2000 real test images; fails loudly when the shared copy is missing."""
-    data = real_cifar10_subset(tmp_path)
-    result = fit(configs.speedrun(epochs=2, batch_size=256), data, progress=False)
+@pytest.mark.parametrize("train, widths, floor", [
+    # Narrow, 2500 images: over 5 seeds (subset and init; Zen 4) 0.354-0.385, mean 0.366, std 0.012 (the test
+    # set's own binomial error is 0.011): the floor is the mean less 3 standard deviations.
+    pytest.param(2500, (32, 64, 64), 0.33, id="narrow"),
+    # The recipe's widths, 5000 images: 0.556 measured (seed 0), and 0.55 on another machine.
+    pytest.param(5000, None, 0.45, id="full", marks=pytest.mark.slow)])
+def test_speedrun_recipe_learns_real_cifar10_at_reduced_budget(real_cifar10, train, widths, floor):
+    """The recipe at a CPU budget (2 epochs of batch 256) must reach far above chance (0.1) on 2000 real test
+    images; fails loudly when the shared copy is missing."""
+    data = real_subset(real_cifar10, train=train)
+    config = configs.speedrun(epochs=2, batch_size=256)
+    if widths:
+        config = config.replace(model_kwargs={**config.model_kwargs, "widths": widths})
+    result = fit(config, data, progress=False)
     assert result.history["train_loss"][1] < result.history["train_loss"][0]
-    assert result.summary["final_test_accuracy"] > 0.45, result.summary
+    assert result.summary["final_test_accuracy"] > floor, result.summary
