@@ -6,7 +6,8 @@ vs ResNet from scratch vs ResNet fine-tuned from a CIFAR-10 checkpoint; one tabl
 Default training: Adam lr 1e-4, batch 256, 20 epochs (``jaxcifar.configs.cifar100``). The fine-tuned
 variant loads every layer but the classifier from --pretrained (a ``fit`` checkpoint directory of the same
 ResNet trained on CIFAR-10, e.g. ``python -m experiments.baseline``-style runs or your own ``fit``); without
-it that variant is skipped. Writes results.json, report.md and val_accuracy.png into --out.
+it that variant is skipped. Each variant trains --seeds seeds in one program and is compared with the plain
+convnet, paired by seed. Writes results.json, report.md, forest.png and val_accuracy.png into --out.
 """
 
 from __future__ import annotations
@@ -45,7 +46,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pretrained", metavar="DIR", help="CIFAR-10 checkpoint directory of the same ResNet")
     p.add_argument("--resnet", default="resnet18", choices=["resnet18", "resnet20", "resnet56"])
     p.add_argument("--only", nargs="+", metavar="VARIANT", help="train only these variants")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per variant (seed, seed+1, ...), in one program each")
     args = cli.parse(p, argv)
+    if args.seeds < 1:
+        p.error(f"--seeds must be a positive integer, got {args.seeds}")
     common = {"epochs": args.epochs, "val_size": args.val_size, "seed": args.seed, "batch_size": args.batch_size,
               "devices": args.devices}
     chosen = variants(common, args.resnet)
@@ -69,7 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     if skipped:
         intro += " Skipped: " + "; ".join(skipped) + "."
     results = run_study("CIFAR-100 study", chosen, data, out, resume=args.resume,
-                        progress=not args.no_progress, bodies=bodies, intro=intro,
+                        progress=not args.no_progress, bodies=bodies, intro=intro, seeds=args.seeds,
+                        reference="convnet",
                         extra={"pretrained": args.pretrained, "skipped": skipped})
     for k, v in results.items():
         print(f"{k:34s} test {v['summary']['test_accuracy']:.4f}")

@@ -39,25 +39,66 @@ def _default(x):
     return str(x)
 
 
-# Two-sided 97.5 % quantiles of Student's t for 1..30 degrees of freedom (beyond 30 the normal 1.96 is used).
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-         2.045, 2.042)
-
-
-def t_quantile_975(dof: int) -> float:
-    return _T975[dof - 1] if dof <= len(_T975) else 1.96
-
-
 def seed_statistics(values: Sequence[float]) -> dict[str, float]:
-    """``mean``, ``std`` (sample, ddof=1), ``min``, ``max``, ``n`` and the 95 % confidence interval of the
-    mean, ``ci95 = mean +- t(0.975, n-1) * std / sqrt(n)`` (``ci95_low``/``ci95_high``; NaN for n = 1)."""
-    x = np.asarray(values, np.float64)
-    n = len(x)
-    std = float(x.std(ddof=1)) if n > 1 else float("nan")
-    half = t_quantile_975(n - 1) * std / np.sqrt(n) if n > 1 else float("nan")
-    return {"n": n, "mean": float(x.mean()), "std": std, "min": float(x.min()), "max": float(x.max()),
-            "ci95_half_width": float(half), "ci95_low": float(x.mean() - half), "ci95_high": float(x.mean() + half)}
+    """``mean``, ``std`` (ddof=1), ``min``, ``max``, ``n`` and the 95 % t interval of the mean with the exact t
+    quantile for every n (``ci95_low``/``ci95_high``/``ci95_half_width``; NaN for n = 1)."""
+    from jaxcifar.compare import summarize
+
+    s = summarize(values)
+    half = (s["ci_high"] - s["ci_low"]) / 2
+    return {**{k: s[k] for k in ("n", "mean", "std", "min", "max")}, "ci95_half_width": half,
+            "ci95_low": s["ci_low"], "ci95_high": s["ci_high"]}
+
+
+def _interval(low: float, high: float, digits: int = 4) -> str:
+    return "-" if np.isnan(low) else f"[{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def comparison_tables(comparison: dict[str, Any], name: str) -> str:
+    """Markdown: each variant's mean, std and intervals over seeds; then each variant's paired difference from
+    the reference one (default the best) with its interval, Holm-adjusted p-value, probability of improvement and
+    the seeds needed."""
+    level = f"{comparison['confidence']:.0%}"
+    rows = [[str(v), s["n"], s["mean"], s["std"], _interval(s["ci_low"], s["ci_high"]),
+             _interval(s["boot_low"], s["boot_high"])] for v, s in comparison["variants"].items()]
+    table = markdown_table([name, "seeds", "mean", "std", f"{level} t interval", f"{level} bootstrap"], rows)
+    best = comparison["reference"]
+    rows = [[f"{best} - {v}", d["test"], d["mean"],
+             _interval(d["ci_low"], d["ci_high"]), d["p_holm"], d["prob_improvement"], d["seeds_needed"]]
+            for v, d in comparison["differences"].items()]
+    diffs = markdown_table(["difference", "test", "mean", f"{level} interval", "p (Holm)", f"P({best} > other)",
+                            "seeds to tell apart"], rows)
+    return table + ("\n\n" + diffs if rows else "")
+
+
+def wilson_table(comparison: dict[str, Any], name: str) -> str:
+    """Each run's figure with the test set's own interval (Wilson; ``compare_scores(..., n_test=...)``): with
+    one seed per variant, the only uncertainty that can be measured."""
+    rows = [[str(v), seed, acc, _interval(low, high)]
+            for v, per_seed in comparison["wilson"].items() for seed, (acc, low, high) in per_seed.items()]
+    level = f"{comparison['confidence']:.0%}"
+    return markdown_table([name, "seed", "test acc", f"{level} Wilson interval (test set)"], rows)
+
+
+def plot_forest(comparison: dict[str, Any], path: Path, metric: str, title: str = "") -> None:
+    """A forest plot: each variant's mean with its t interval (left) and each variant's difference from the
+    reference (default the best) with its interval, a dashed line at zero (right)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * len(comparison["variants"]) + 2), squeeze=False)
+    panels = ((comparison["variants"], metric, f"mean and {comparison['confidence']:.0%} interval over seeds"),
+              (comparison["differences"], f"{comparison['reference']} minus variant",
+               f"paired difference from {comparison['reference']}"))
+    for ax, (items, xlabel, heading) in zip(axes[0], panels, strict=True):
+        means = np.asarray([x["mean"] for x in items.values()])
+        spans = np.asarray([[x["mean"] - x["ci_low"], x["ci_high"] - x["mean"]] for x in items.values()]).T
+        ax.errorbar(means, range(len(means)), xerr=np.nan_to_num(spans.reshape(2, -1)), fmt="o", capsize=4)
+        ax.set_yticks(range(len(means)), [str(v) for v in items])  # one seed: no interval, the point alone
+        ax.set(xlabel=xlabel, title=heading)
+        ax.grid(alpha=0.3)
+    axes[0, 1].axvline(0.0, ls="--", color="gray")
+    if title:
+        fig.suptitle(title)
+    save_figure(fig, path)
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

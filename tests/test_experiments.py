@@ -42,15 +42,23 @@ def test_dropout_sweep_writes_report_and_resumes(tmp_path):
     data = zip_tree(src, tmp_path / "tiny.zip")
     out = tmp_path / "out"
     common = ["--data", str(data), "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--val-size", "20",
-              "--batch-size", "25", "--rates", "0", "0.5", "--no-progress"]
+              "--batch-size", "25", "--rates", "0", "0.5", "--seeds", "2", "--no-progress"]
     first = run(*common, "--epochs", "1")
     assert first.returncode == 0, first.stderr[-3000:]
-    for name in ("results.json", "report.md", "curves.png", "val_accuracy.png"):
+    for name in ("results.json", "report.md", "curves.png", "val_accuracy.png", "forest.png"):
         assert (out / name).stat().st_size > 0
     res = json.loads((out / "results.json").read_text())
-    assert [r["dropout_rate"] for r in res["runs"]] == [0.0, 0.5]
+    assert [(r["dropout_rate"], r["seed"]) for r in res["runs"]] == [(0.0, 0), (0.0, 1), (0.5, 0), (0.5, 1)]
     assert res["meta"]["run_axis"] and res["meta"]["environment"]["packages"]["jax"]
-    assert "Winner" in (out / "report.md").read_text()
+    # The comparison pairs each rate's two seeds; the score matrix has one record per run.
+    comparison = res["comparison"]
+    assert {v["n"] for v in comparison["variants"].values()} == {2}
+    other = next(iter(comparison["differences"].values()))
+    assert other["paired"] and other["seeds"] == [0, 1]
+    assert [(r["variant"], r["seed"]) for r in res["scores"]] == [(0.0, 0), (0.0, 1), (0.5, 0), (0.5, 1)]
+    assert res["winner_rate"] == comparison["winner"]
+    report = (out / "report.md").read_text()
+    assert "t interval" in report and ("Winner: p" in report) == (comparison["winner"] is not None)
     # A second call with more epochs resumes from the checkpoint: epoch 1 is not trained again.
     second = run(*common, "--epochs", "2")
     assert second.returncode == 0, second.stderr[-3000:]
@@ -76,13 +84,14 @@ def test_robustness_reports_seed_statistics(tmp_path):
     st = res["statistics"]["test_accuracy"]
     assert [run["seed"] for run in res["runs"]] == [0, 1, 2] and st["n"] == 3
     assert st["mean"] == pytest.approx(acc.mean()) and st["std"] == pytest.approx(acc.std(ddof=1))
-    assert st["ci95_high"] - st["mean"] == pytest.approx(4.303 * acc.std(ddof=1) / np.sqrt(3))
+    # Student's t quantile for 2 degrees of freedom, 4.3027 (the exact one, as for every n); float64 figures
+    assert st["ci95_high"] - st["mean"] == pytest.approx(4.302653 * acc.std(ddof=1) / np.sqrt(3), rel=1e-6)
     assert len({tuple(h["train_loss"]) for h in res["histories"]}) == 3  # the seeds really differ
     assert res["config"]["split_per_run"] and res["meta"]["split_per_run"]
     assert (out / "val_accuracy.png").stat().st_size > 0 and "95 % CI" in (out / "report.md").read_text()
     # The robustness figures: evaluated on the same weights as the summaries, every requested cell present.
     rob = res["robustness"]
-    np.testing.assert_allclose(rob["clean"]["accuracy"], acc, atol=1e-6)
+    np.testing.assert_allclose(rob["clean"]["accuracy"], acc, atol=1e-6)  # as in test_robustness
     assert sorted(rob["corruptions"]["cells"]) == ["contrast", "gaussian_noise"]
     assert sorted(rob["corruptions"]["cells"]["contrast"]) == ["1", "5"]
     assert len(rob["clean"]["disagreement"]) == 3 and len(rob["clean"]["bin_count"][0]) == 15
@@ -160,13 +169,17 @@ def test_dataset_report_counts_and_statistics(tmp_path):
 
 def test_improved_ablation_table(tmp_path):
     out, res = run_tiny(tmp_path, "improved", "--batch-size", "50", "--epochs", "1", "--only", "full",
-                        "no augmentation")
+                        "no augmentation", "--seeds", "2")
     assert list(res["variants"]) == ["full", "no augmentation"]
     full, ablated = (res["variants"][k]["config"] for k in ("full", "no augmentation"))
     assert full["model_kwargs"]["batch_norm"] and full["optimizer"] == "adamw" and full["augment"]
     assert ablated["augment"] == [] and {k: v for k, v in ablated.items() if k != "augment"} == \
         {k: v for k, v in full.items() if k != "augment"}
-    assert "Contribution of each ingredient" in (out / "report.md").read_text()
+    # Each variant's two seeds in one program, compared with the full recipe, paired by seed.
+    assert [len(v["summaries"]) for v in res["variants"].values()] == [2, 2]
+    assert res["comparison"]["reference"] == "full" and list(res["comparison"]["differences"]) == ["no augmentation"]
+    assert len(res["scores"]) == 4 and (out / "forest.png").stat().st_size > 0
+    assert "full - no augmentation" in (out / "report.md").read_text()
     bad = run("--data", str(tmp_path / "tiny.zip"), "--out", str(out), "--only", "nonsense", experiment="improved")
     assert bad.returncode == 2 and "unknown variant" in bad.stderr
 
@@ -182,7 +195,7 @@ def test_cifar100_study_fine_tunes_a_cifar10_body(tmp_path, tiny):
     out = tmp_path / "out"
     r = run("--data", str(src), "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--val-size", "20",
             "--batch-size", "90", "--epochs", "1", "--no-progress", "--resnet", "resnet20", "--pretrained", str(pre),
-            "--only", "convnet", "resnet20 fine-tuned from cifar10", experiment="cifar100_study")
+            "--only", "convnet", "resnet20 fine-tuned from cifar10", "--seeds", "1", experiment="cifar100_study")
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert res["variants"]["resnet20 fine-tuned from cifar10"]["fine_tuned"]
@@ -191,7 +204,7 @@ def test_cifar100_study_fine_tunes_a_cifar10_body(tmp_path, tiny):
     assert (cfg["optimizer"], cfg["learning_rate"]) == ("adam", 1e-4)
     skipped = run("--data", str(src), "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "o2"),
                   "--val-size", "20", "--batch-size", "90", "--epochs", "1", "--no-progress", "--only", "convnet",
-                  "resnet18 fine-tuned from cifar10", experiment="cifar100_study")
+                  "resnet18 fine-tuned from cifar10", "--seeds", "1", experiment="cifar100_study")
     assert skipped.returncode == 0, skipped.stderr[-3000:]
     assert json.loads((tmp_path / "o2" / "results.json").read_text())["skipped"]
 
@@ -203,6 +216,8 @@ def test_speedrun_reports_runs_and_resumes(tmp_path):
     assert res["statistics"]["n"] == 2 and all(r["train_seconds"] > 0 for r in res["runs"])
     assert res["statistics"]["mean"] == pytest.approx(np.mean([r["test_accuracy"] for r in res["runs"]]))
     assert res["histories"][0]["train_loss"] != res["histories"][1]["train_loss"]
+    assert res["target_test"]["target"] == 0.94 and res["target_test"]["n"] == 2
+    assert "Mean >= 94.00 %" in (out / "report.md").read_text()
     for name in ("report.md", "accuracy.png", "curves.png"):
         assert (out / name).stat().st_size > 0
     # A third run resumes the series: the first two are kept, not trained again.
