@@ -101,7 +101,8 @@ def _write_report(name: str, intro: str, data: Dataset, out: Path, results: Mapp
     compared = ["## Comparison over seeds (test accuracy of the best-validation weights, paired by seed)",
                 comparison_tables(comparison, "variant"), f"**{verdict(comparison)}**",
                 "![forest plot](forest.png)"] if comparison else [
-        "One seed per variant: differences between variants are not tested (train with several seeds)."]
+        "One seed per variant: differences between variants are not tested (train with several seeds)."
+        if len(results) > 1 else ""]
     paragraphs = [f"# {name}", intro, data_line, markdown_table(HEADER, rows), failed, *compared,
                   "![validation accuracy](val_accuracy.png)" if histories else ""]
     write_text(out / "report.md", "\n\n".join(filter(None, paragraphs)) + "\n")
