@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 
 from jaxcifar import cli, configs
-from jaxcifar.compare import compare_scores, score_matrix, scores_by, verdict
+from jaxcifar.compare import SCORE_METRICS, compare_scores, score_matrix, scores_by, verdict
 from jaxcifar.report import (
     comparison_tables,
     divergence_note,
@@ -48,8 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         "experiment": "dropout_sweep", "data": data.source, "train_size": len(data.train),
         "test_size": len(data.test), "config": config.to_dict(), "runs": runs, "summaries": result.summaries,
         "compared_on": METRIC, "comparison": comparison, "winner_rate": comparison["winner"],
-        "scores": score_matrix(runs, result.summaries, lambda r: r["dropout_rate"],
-                               ["best_val_accuracy", "test_accuracy", "final_test_accuracy", "test_loss"]),
+        "scores": score_matrix(runs, result.summaries, lambda r: r["dropout_rate"], SCORE_METRICS),
         "histories": result.histories, "meta": result.meta,
     })
     rows = [[f"{r['dropout_rate']:g}", r["seed"], s["best_val_accuracy"], s["best_epoch"], s["test_accuracy"],
@@ -78,7 +77,6 @@ def main(argv: list[str] | None = None) -> None:
     print(table)
     print(comparison_tables(comparison, "dropout p"))
     print(f"{line} Results in {out}")
-
 
 
 if __name__ == "__main__":

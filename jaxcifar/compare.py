@@ -19,6 +19,7 @@ from jaxcifar.errors import ConfigError
 CONFIDENCE = 0.95
 POWER = 0.8  # the power at which seeds_needed tells two variants apart
 Scores = Mapping[Any, Mapping[int, float]]  # variant -> {seed: figure}
+SCORE_METRICS = ("best_val_accuracy", "test_accuracy", "final_test_accuracy", "test_loss")  # exported per run
 
 
 def _nan_pair() -> tuple[float, float]:

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxcifar.compare import t_interval
 from jaxcifar.data.cache import atomic_write_bytes
 
 
@@ -42,12 +43,11 @@ def _default(x):
 def seed_statistics(values: Sequence[float]) -> dict[str, float]:
     """``mean``, ``std`` (ddof=1), ``min``, ``max``, ``n`` and the 95 % t interval of the mean with the exact t
     quantile for every n (``ci95_low``/``ci95_high``/``ci95_half_width``; NaN for n = 1)."""
-    from jaxcifar.compare import summarize
-
-    s = summarize(values)
-    half = (s["ci_high"] - s["ci_low"]) / 2
-    return {**{k: s[k] for k in ("n", "mean", "std", "min", "max")}, "ci95_half_width": half,
-            "ci95_low": s["ci_low"], "ci95_high": s["ci_high"]}
+    x = np.asarray(values, np.float64)
+    low, high = t_interval(x)
+    return {"n": len(x), "mean": float(x.mean()), "std": float(x.std(ddof=1)) if len(x) > 1 else float("nan"),
+            "min": float(x.min()), "max": float(x.max()), "ci95_half_width": (high - low) / 2,
+            "ci95_low": low, "ci95_high": high}
 
 
 def _interval(low: float, high: float, digits: int = 4) -> str:

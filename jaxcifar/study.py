@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from jaxcifar.compare import compare_scores, score_matrix, verdict
+from jaxcifar.compare import SCORE_METRICS, compare_scores, score_matrix, verdict
 from jaxcifar.data import Dataset
 from jaxcifar.errors import TrainingError, warn
 from jaxcifar.report import (
@@ -81,9 +81,9 @@ def _compare(results: Mapping[str, Any], reference: str | None, n_test: int) -> 
 
 def _scores(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Every run's figures as records (variant, seed, metrics) for pandas or rliable."""
-    metrics = ["best_val_accuracy", "test_accuracy", "final_test_accuracy", "test_loss"]
     return [row for v, x in results.items()
-            for row in score_matrix([{"seed": s} for s in x["seeds"]], x["summaries"], lambda _, v=v: v, metrics)]
+            for row in score_matrix([{"seed": s} for s in x["seeds"]], x["summaries"], lambda _, v=v: v,
+                                    SCORE_METRICS)]
 
 
 def _write_report(name: str, intro: str, data: Dataset, out: Path, results: Mapping[str, Any],
