@@ -15,8 +15,8 @@ import numpy as np
 from jaxcifar.data import Dataset, load_cifar
 from jaxcifar.errors import ConfigError, JaxCifarError, OutputError, first_line
 from jaxcifar.lock import DirectoryLock
-from jaxcifar.train.checkpoint import ResumeFrom
 from jaxcifar.train.config import TrainConfig, valid_seed, valid_val_size, validate_config
+from jaxcifar.train.resume import ResumeFrom
 
 QUICK_TRAIN, QUICK_TEST, QUICK_EPOCHS = 5000, 1000, 3
 
@@ -56,8 +56,9 @@ def common_parser(description: str, *, epochs: int, batch_size: int, out: str, q
                    help="resume from the checkpoint of epoch N instead of the latest (later ones are moved into "
                         "checkpoints/superseded/)")
     p.add_argument("--allow-config-change", metavar="FIELDS", type=_field_list, default=(),
-                   help="resume although these fields changed (comma-separated, of learning_rate, weight_decay, "
-                        "grad_clip_norm), e.g. after a divergence with --set learning_rate=... --set grad_clip_norm=1")
+                   help="resume although these changed (comma-separated, of learning_rate, weight_decay, "
+                        "grad_clip_norm, epochs), e.g. after a divergence with --set learning_rate=... --set "
+                        "grad_clip_norm=1, or --epochs under a schedule laid out over the epochs")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--devices", type=int, default=None,
                    help="data-parallel over the first N devices (default: all); the batch must divide by N")
@@ -191,7 +192,7 @@ def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = 
     try:
         main(argv)
     except JaxCifarError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e.cli or e}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("interrupted: checkpoints written so far are kept; run the same command again to resume",

@@ -3,7 +3,12 @@ problem and the fix."""
 
 
 class JaxCifarError(Exception):
-    """Base class for all jaxcifar errors."""
+    """Base class for all jaxcifar errors. ``cli``: the same message worded for the command line (naming flags
+    instead of function arguments), which the experiments print instead."""
+
+    def __init__(self, message: str, *, cli: str | None = None) -> None:
+        super().__init__(message)
+        self.cli = cli
 
 
 class DataError(JaxCifarError):

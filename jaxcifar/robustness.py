@@ -10,7 +10,7 @@ research code calls :func:`evaluate_robustness` on its own ``fit`` result.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -70,11 +70,11 @@ def _predictor_of(result: FitResult, weights: str, batch_size: int) -> Predictor
     return seed_predictor(result.fns, variables, result.meta.get("run_strategy") == "vmap", batch_size)
 
 
-def clean_metrics(predict: Predictor, test: Split, bins: int = ECE_BINS) -> dict[str, Any]:
-    """:func:`~jaxcifar.metrics.seed_metrics` of the models on the uncorrupted ``test`` split, as JSON-ready
-    lists (NaN as None), with the mean single-model accuracy and the ensemble's gain over it."""
-    probs = predict(test.images)
-    metrics = _jsonable(jax.jit(seed_metrics, static_argnums=2)(jnp.asarray(probs), jnp.asarray(test.labels), bins))
+def clean_metrics(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> dict[str, Any]:
+    """:func:`~jaxcifar.metrics.seed_metrics` of K models' probabilities [K, N, C] on the uncorrupted test split
+    (``labels`` [N]), as JSON-ready lists (NaN as None), with the mean single-model accuracy and the ensemble's
+    gain over it."""
+    metrics = _jsonable(jax.jit(seed_metrics, static_argnums=2)(jnp.asarray(probs), jnp.asarray(labels), bins))
     mean_single = float(np.mean(metrics["accuracy"]))
     k = len(metrics["accuracy"])
     off_diagonal = np.asarray(metrics["disagreement"])[~np.eye(k, dtype=bool)]
@@ -86,6 +86,17 @@ def clean_metrics(predict: Predictor, test: Split, bins: int = ECE_BINS) -> dict
         **{name: seed_statistics(metrics[name]) for name in ("accuracy", "ece", "nll", "brier")},
     }
     return metrics
+
+
+def variants(runs: Sequence[Mapping[str, Any]]) -> list[tuple[dict[str, Any], list[int]]]:
+    """The runs grouped by their swept hyper-parameters (every run key but ``seed``), in order of first
+    appearance: ``[(variant, run indices)]``. Seeds of one variant are samples of one recipe; runs of two
+    variants are not, so ensembles and seed statistics are taken within a variant, never across."""
+    groups: dict[str, tuple[dict[str, Any], list[int]]] = {}
+    for i, run in enumerate(runs):
+        variant = {k: v for k, v in run.items() if k != "seed"}
+        groups.setdefault(repr(sorted(variant.items())), (variant, []))[1].append(i)
+    return list(groups.values())
 
 
 CorruptedSet = Callable[[str, int], Split]
@@ -110,22 +121,29 @@ def tfds_corruptions(data_dir: str | None = None) -> CorruptedSet:
 
 
 def corruption_accuracy(predict: Predictor, corrupted: CorruptedSet, names: Sequence[str],
-                        severities: Sequence[int], progress: bool = True) -> dict[str, Any]:
-    """Accuracy of each model and of their ensemble on every ``corrupted(name, severity)`` set: ``{"cells":
-    {name: {severity: {"accuracy": [K], "ensemble_accuracy": a}}}, "mean_accuracy": [K] (each model's mean over
-    all cells), "statistics": mean +- std of that over models}``."""
-    cells: dict[str, dict[str, Any]] = {}
-    per_model = []
+                        severities: Sequence[int], progress: bool = True,
+                        groups: Sequence[Sequence[int]] | None = None) -> list[dict[str, Any]]:
+    """Accuracy of each model and of their ensemble on every ``corrupted(name, severity)`` set, for each group
+    of models in ``groups`` (default: all K in one): ``[{"cells": {name: {severity: {"accuracy": [k],
+    "ensemble_accuracy": a}}}, "mean_accuracy": [k] (each model's mean over all cells), "statistics": mean +- std
+    of that over models}]``. Each set is corrupted and predicted once for all groups."""
     todo = [(n, s) for n in names for s in severities]
+    accuracies, ensembles = [], []  # per cell: [K]; per cell: [groups]
     for name, severity in tqdm(todo, desc="corruptions", disable=not progress, leave=False):
         test = corrupted(name, severity)
         probs = predict(test.images)
-        accuracy = (probs.argmax(-1) == test.labels).mean(-1)
-        ensemble = float((probs.mean(0).argmax(-1) == test.labels).mean())
-        cells.setdefault(name, {})[str(severity)] = {"accuracy": accuracy.tolist(), "ensemble_accuracy": ensemble}
-        per_model.append(accuracy)
-    mean = np.mean(per_model, axis=0)
-    return {"cells": cells, "mean_accuracy": mean.tolist(), "statistics": seed_statistics(mean.tolist())}
+        groups = groups or [range(len(probs))]
+        accuracies.append((probs.argmax(-1) == test.labels).mean(-1))
+        ensembles.append([float((probs[list(g)].mean(0).argmax(-1) == test.labels).mean()) for g in groups])
+    out = []
+    for j, g in enumerate(groups or []):
+        cells: dict[str, dict[str, Any]] = {}
+        for (name, severity), accuracy, ensemble in zip(todo, accuracies, ensembles, strict=True):
+            cells.setdefault(name, {})[str(severity)] = {"accuracy": accuracy[list(g)].tolist(),
+                                                        "ensemble_accuracy": ensemble[j]}
+        mean = np.mean([a[list(g)] for a in accuracies], axis=0)
+        out.append({"cells": cells, "mean_accuracy": mean.tolist(), "statistics": seed_statistics(mean.tolist())})
+    return out
 
 
 def _subset(test: Split, count: int | None, key: jax.Array) -> Split:
@@ -161,11 +179,17 @@ def evaluate_robustness(result: FitResult, test: Split, *, corruptions: Sequence
     its ``source`` attribute, if any, describes it in the figures).
     ``corruption_images``: corrupt a random subset of that many test images (drawn with ``key``) instead of all,
     to bound the cost: each cell costs K forward passes over its images (generated corruptions only).
-    ``weights``: ``'best'`` (the weights the summaries' test accuracy uses), ``'current'`` or ``'ema'``."""
+    ``weights``: ``'best'`` (the weights the summaries' test accuracy uses), ``'current'`` or ``'ema'``.
+
+    A sweep over hyper-parameters is evaluated per variant (:func:`variants`: runs that differ only in their
+    seed): the figures then hold ``variants``, a list of ``{"variant", "runs", "clean", "corruptions"}``, each
+    with its own ensemble and seed statistics; ``result`` may come from :func:`~jaxcifar.train.load_sweep`."""
     names = corruption_names() if corruptions is None else list(corruptions)
     _check_request(names, severities, corruption_images)
     predict = _predictor_of(result, weights, batch_size or result.config.eval_batch_size)
-    out = {"weights": weights, "ece_bins": bins, "clean": clean_metrics(predict, test, bins)}
+    groups = variants(result.runs)
+    probs = predict(test.images)
+    parts = [{"clean": clean_metrics(probs[runs], test.labels, bins)} for _, runs in groups]
     if names:
         key = jax.random.PRNGKey(0) if key is None else key
         source, images = getattr(corrupted, "source", "the caller's corrupted sets"), None
@@ -173,8 +197,11 @@ def evaluate_robustness(result: FitResult, test: Split, *, corruptions: Sequence
             source = "generated on the device with the CIFAR-10-C parameters (jaxcifar.data.corruptions)"
             subset = _subset(test, corruption_images, key)
             corrupted, images = generated_corruptions(subset, key), len(subset)
-        out["corruptions"] = corruption_accuracy(predict, corrupted, names, severities, progress)
-        out["corruptions"]["severities"] = list(severities)
-        out["corruptions"]["images"] = images
-        out["corruptions"]["source"] = source
-    return out
+        found = corruption_accuracy(predict, corrupted, names, severities, progress, [runs for _, runs in groups])
+        for part, figures in zip(parts, found, strict=True):
+            part["corruptions"] = {**figures, "severities": list(severities), "images": images, "source": source}
+    out = {"weights": weights, "ece_bins": bins}
+    if len(groups) == 1:
+        return {**out, **parts[0]}
+    return {**out, "variants": [{"variant": v, "runs": runs, **part} for (v, runs), part in zip(groups, parts,
+                                                                                                  strict=True)]}

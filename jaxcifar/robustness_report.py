@@ -119,7 +119,8 @@ def plot_corruptions(corruptions: dict[str, Any], clean_accuracy: float, path: P
     save_figure(fig, path)
 
 
-def _clean_paragraphs(clean: dict[str, Any], labels: Sequence[str], class_names: Sequence[str]) -> list[str]:
+def _clean_paragraphs(clean: dict[str, Any], labels: Sequence[str], class_names: Sequence[str],
+                      plots: dict[str, str]) -> list[str]:
     s = clean["summary"]
     rows = [[label, a, e, n, b] for label, a, e, n, b in
             zip(labels, clean["accuracy"], clean["ece"], clean["nll"], clean["brier"], strict=True)]
@@ -137,12 +138,12 @@ def _clean_paragraphs(clean: dict[str, Any], labels: Sequence[str], class_names:
         f"disagree on {s['mean_disagreement']:.1%} of the test images on average.",
         markdown_table(["model", "test acc", "ECE", "NLL", "Brier"], rows),
         f"Weakest classes (mean accuracy): {', '.join(worst)}. Least stable over seeds: {', '.join(unstable)}.",
-        f"![ensemble]({PLOTS['ensemble']}) ![disagreement]({PLOTS['disagreement']})",
-        f"![per-class accuracy]({PLOTS['per_class']}) ![reliability diagram]({PLOTS['calibration']})",
+        f"![ensemble]({plots['ensemble']}) ![disagreement]({plots['disagreement']})",
+        f"![per-class accuracy]({plots['per_class']}) ![reliability diagram]({plots['calibration']})",
     ]
 
 
-def _corruption_paragraphs(corruptions: dict[str, Any], clean_accuracy: float) -> list[str]:
+def _corruption_paragraphs(corruptions: dict[str, Any], clean_accuracy: float, plots: dict[str, str]) -> list[str]:
     names, severities, mean, std = corruption_grid(corruptions)
     st = corruptions["statistics"]
     rows = [[n, *[f"{m:.3f} +- {d:.3f}" for m, d in zip(mean[i], std[i], strict=True)]] for i, n in enumerate(names)]
@@ -152,23 +153,39 @@ def _corruption_paragraphs(corruptions: dict[str, Any], clean_accuracy: float) -
         f"{st['std']:.4f} (mean +- std over seeds), against {clean_accuracy:.4f} clean,** on "
         f"{corruptions.get('images') or 'all'} test images per cell, {corruptions.get('source', '')}.",
         markdown_table(["corruption", *[f"severity {s}" for s in severities]], rows),
-        f"![corruption heat map]({PLOTS['corruptions']})",
+        f"![corruption heat map]({plots['corruptions']})",
     ]
 
 
 def write_robustness_report(out: Path, figures: dict[str, Any], labels: Sequence[str],
                             class_names: Sequence[str]) -> list[str]:
     """Write the plots of ``figures`` (from ``evaluate_robustness``) into ``out`` and return the report's
-    Markdown paragraphs; ``labels`` name the models (e.g. ``"seed 0"``)."""
-    out = Path(out)
+    Markdown paragraphs; ``labels`` name the models (e.g. ``"seed 0"``). A sweep's variants get a section each
+    (their plots prefixed ``variant<i>_``), and the report says the runs were grouped so."""
+    if "variants" not in figures:
+        return _variant_report(Path(out), figures, labels, class_names, PLOTS)
+    paragraphs = [f"The runs differ in more than their seed, so each of the {len(figures['variants'])} variants is "
+                  "evaluated apart: ensembles and mean +- std over the seeds of one variant, never across variants."]
+    for i, part in enumerate(figures["variants"]):
+        named = ", ".join(f"{k} {v}" for k, v in part["variant"].items())
+        plots = {k: f"variant{i}_{v}" for k, v in PLOTS.items()}
+        section = _variant_report(Path(out), part, [labels[r] for r in part["runs"]], class_names, plots)
+        paragraphs += [f"# Variant {i}: {named} ({len(part['runs'])} runs)",
+                       *(p.replace("## ", "### ", 1) if p.startswith("## ") else p for p in section)]
+    return paragraphs
+
+
+def _variant_report(out: Path, figures: dict[str, Any], labels: Sequence[str], class_names: Sequence[str],
+                    plots: dict[str, str]) -> list[str]:
+    """The plots (file names ``plots``) and paragraphs of one variant's figures."""
     clean = figures["clean"]
-    plot_ensemble(clean["accuracy"], clean["ensemble"]["accuracy"], labels, out / PLOTS["ensemble"])
-    plot_disagreement(_nan(clean["disagreement"]), labels, out / PLOTS["disagreement"])
-    plot_per_class(_nan(clean["per_class_accuracy"]), class_names, out / PLOTS["per_class"])
-    plot_reliability(clean, out / PLOTS["calibration"])
-    paragraphs = _clean_paragraphs(clean, labels, class_names)
+    plot_ensemble(clean["accuracy"], clean["ensemble"]["accuracy"], labels, out / plots["ensemble"])
+    plot_disagreement(_nan(clean["disagreement"]), labels, out / plots["disagreement"])
+    plot_per_class(_nan(clean["per_class_accuracy"]), class_names, out / plots["per_class"])
+    plot_reliability(clean, out / plots["calibration"])
+    paragraphs = _clean_paragraphs(clean, labels, class_names, plots)
     if "corruptions" in figures:
         accuracy = clean["summary"]["mean_single_accuracy"]
-        plot_corruptions(figures["corruptions"], accuracy, out / PLOTS["corruptions"])
-        paragraphs += _corruption_paragraphs(figures["corruptions"], accuracy)
+        plot_corruptions(figures["corruptions"], accuracy, out / plots["corruptions"])
+        paragraphs += _corruption_paragraphs(figures["corruptions"], accuracy, plots)
     return paragraphs

@@ -39,4 +39,4 @@ def test_research_walkthrough_runs_as_written(tmp_path, monkeypatch):
     assert (tmp_path / "runs" / "research" / "metrics.jsonl").is_file()
     assert list((tmp_path / "runs" / "research" / "tensorboard" / "run_000").glob("events.out.tfevents.*"))
     assert namespace["result"].summary["test_accuracy"] > 0.2  # it learned (10 classes: chance is 0.1)
-    assert (tmp_path / "runs" / "robustness" / "reliability.png").stat().st_size > 0
+    assert (tmp_path / "runs" / "robustness" / "variant1_reliability.png").stat().st_size > 0  # per learning rate

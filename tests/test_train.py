@@ -75,7 +75,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny, tmp_path):
     assert strip_times(resumed.histories) == strip_times(full.histories)
     assert resumed.summaries == full.summaries
     chex.assert_trees_all_equal(resumed.state.params, full.state.params)
-    with pytest.raises(ConfigError, match="different config"):
+    with pytest.raises(ConfigError, match=r"written with another learning_rate \(0.01 -> 0.5\)"):
         fit(cfg.replace(learning_rate=0.5), tiny, checkpoint_dir=str(tmp_path / "ck"), progress=False)
 
 

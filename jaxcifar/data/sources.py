@@ -186,8 +186,9 @@ def _validate(ds: Dataset) -> None:
     if ds.num_classes != expected:
         raise DataError(
             f"{ds.source} has {ds.num_classes} classes but {ds.name} has {expected}: "
-            f"check --dataset or the class folders"
-        )
+            f"check the dataset name or the class folders",
+            cli=f"{ds.source} has {ds.num_classes} classes but {ds.name} has {expected}: check --dataset or the "
+                "class folders")
     for s in SPLITS:
         split = getattr(ds, s)
         if len(split) == 0:
@@ -336,16 +337,14 @@ def _read_tfds(name: str, data_dir: str | None, download: bool) -> dict[str, np.
     try:
         builder = tfds.builder(name, data_dir=data_dir)
         if download and not builder.is_prepared():
-            _require_host(CIFAR_HOST, name, "pass --data PATH to an ImageFolder directory or zip")
+            _require_host(CIFAR_HOST, name, OFFLINE_FIX, OFFLINE_FLAG)
             builder.download_and_prepare()
         raw = {s: _tfds_split_arrays(tfds, builder, s) for s in SPLITS}
     except DataError:
         raise
     except Exception as e:
-        raise DataError(
-            f"tfds could not load {name} ({first_line(e)}); "
-            f"offline? pass --data PATH to an ImageFolder directory or zip"
-        ) from e
+        problem = f"tfds could not load {name} ({first_line(e)}); offline? "
+        raise DataError(problem + OFFLINE_FIX, cli=problem + OFFLINE_FLAG) from e
     features = builder.info.features
     arrays = {"class_names": np.array(features["label"].names)}
     if "coarse_label" in features:
@@ -373,16 +372,23 @@ CIFAR_HOST = "www.cs.toronto.edu"  # where tfds downloads CIFAR-10 and CIFAR-100
 CIFAR10C_HOST = "zenodo.org"  # where tfds downloads CIFAR-10-C from
 
 
-def _require_host(host: str, what: str, fix: str, timeout: float = 5.0) -> None:
-    """Fail fast, naming ``fix``, when ``host`` cannot be reached: tfds would retry the download of ``what``
-    for minutes."""
+# the fix for no internet, worded for the library and for the command line
+OFFLINE_FIX = "pass load_cifar(name, path=PATH) with an ImageFolder directory or zip"
+OFFLINE_FLAG = "pass --data PATH to an ImageFolder directory or zip"
+GENERATED_FIX = "use the generated corruptions (evaluate_robustness without corrupted=)"
+GENERATED_FLAG = "use the generated corruptions (--corruptions all)"
+
+
+def _require_host(host: str, what: str, fix: str, cli_fix: str | None = None, timeout: float = 5.0) -> None:
+    """Fail fast, naming ``fix`` (``cli_fix`` on the command line), when ``host`` cannot be reached: tfds would
+    retry the download of ``what`` for minutes."""
     import socket
 
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
     except OSError as e:
-        raise DataError(f"tfds downloads {what} from {host}, which this machine cannot reach "
-                        f"({first_line(e)}): {fix}") from e
+        problem = f"tfds downloads {what} from {host}, which this machine cannot reach ({first_line(e)}): "
+        raise DataError(problem + fix, cli=cli_fix and problem + cli_fix) from e
 
 
 def load_tfds_corrupted(corruption: str, severity: int, data_dir: str | None = None,
@@ -396,18 +402,18 @@ def load_tfds_corrupted(corruption: str, severity: int, data_dir: str | None = N
         builder = tfds.builder(name, data_dir=data_dir)
         prepared = builder.is_prepared()
     except Exception as e:
-        raise DataError(f"tfds does not know {name} ({first_line(e)}): use the generated corruptions "
-                        "(--corruptions all)") from e
+        problem = f"tfds does not know {name} ({first_line(e)}): "
+        raise DataError(problem + GENERATED_FIX, cli=problem + GENERATED_FLAG) from e
     if not prepared:
         if not download:
             raise DataError(f"tfds has no prepared {name} in {builder.data_dir}: allow the download or pass the "
                             "data_dir where it was prepared")
-        _require_host(CIFAR10C_HOST, "CIFAR-10-C", "use the generated corruptions (--corruptions all), or a "
-                      "tfds data_dir where cifar10_corrupted is prepared")
+        _require_host(CIFAR10C_HOST, "CIFAR-10-C", f"{GENERATED_FIX}, or a tfds data_dir where cifar10_corrupted "
+                      "is prepared", f"{GENERATED_FLAG}, or a tfds data_dir where cifar10_corrupted is prepared")
     try:
         builder.download_and_prepare()
         raw = _tfds_split_arrays(tfds, builder, "test")
     except Exception as e:
-        raise DataError(f"tfds could not load {name} ({first_line(e)}): it needs the internet or a prepared tfds "
-                        "data_dir; use the generated corruptions instead (--corruptions all)") from e
+        problem = f"tfds could not load {name} ({first_line(e)}): it needs the internet or a prepared tfds data_dir; "
+        raise DataError(problem + GENERATED_FIX, cli=problem + GENERATED_FLAG) from e
     return Split(np.asarray(raw["image"], np.uint8), np.asarray(raw["label"], np.int32))

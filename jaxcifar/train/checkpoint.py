@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from jaxcifar.data.cache import atomic_write_bytes, sha256_of
-from jaxcifar.errors import CheckpointError, ConfigError, first_line, warn
+from jaxcifar.errors import CheckpointError, first_line, warn
 from jaxcifar.train.config import TrainConfig
 
 SELECTION_METRICS = ("val_accuracy", "train_accuracy")  # what "best" means, named for what it measured
@@ -64,8 +64,9 @@ class Saver:
         ``{"train_accuracy": x}``) once the previous save has finished; returns once the arrays are on the
         host."""
         self.finish()
-        # a copy: Orbax serializes the metadata later, in its own thread, and the histories grow meanwhile
-        meta = json.loads(json.dumps(meta))
+        # a copy: Orbax serializes the metadata later, in its own thread, and the histories grow meanwhile.
+        # "checksummed": the checksum file is part of this checkpoint, so a missing one is damage (read_meta)
+        meta = json.loads(json.dumps({**meta, "checksummed": True}))
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         if self.manager.save(epoch, args=args, metrics=metrics):
             self._pending = epoch
@@ -111,15 +112,15 @@ def _file_digests(step_dir: Path) -> dict[str, list[Any]]:
     return digests
 
 
-def verify(directory: str | Path, step: int) -> None:
-    """Check checkpoint ``step``'s files against the checksums written when it was saved (a checkpoint without
-    them, written before they existed or killed right before, is left to Orbax's own checks); a
-    ``CheckpointError`` names the first file that is missing or changed."""
+def verify(directory: str | Path, step: int) -> bool:
+    """Check checkpoint ``step``'s files against the checksums written when it was saved; False when it has no
+    checksum file (:func:`read_meta` then tells an older checkpoint from a damaged one). A ``CheckpointError``
+    names the first file that is missing or changed."""
     step_dir = Path(directory) / str(step)
     try:
         recorded = json.loads((step_dir / CHECKSUMS).read_text())
     except FileNotFoundError:
-        return
+        return False
     except (OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {step_dir} is damaged: its checksum file cannot be read "
                               f"({first_line(e)})") from e
@@ -129,6 +130,7 @@ def verify(directory: str | Path, step: int) -> None:
             raise CheckpointError(f"checkpoint {step_dir} is damaged: {name} is missing")
         if path.stat().st_size != size or sha256_of(path) != digest:
             raise CheckpointError(f"checkpoint {step_dir} is damaged: {name} changed since it was saved")
+    return True
 
 
 def best_step(manager: ocp.CheckpointManager) -> int | None:
@@ -151,14 +153,18 @@ OPTIONAL_FIELDS = ("ema", "diverged_at")
 
 def read_meta(manager: ocp.CheckpointManager, directory: str | Path, step: int) -> dict[str, Any]:
     """The JSON metadata (config, runs, histories, ...) of checkpoint ``step``; a ``CheckpointError`` when it
-    cannot be read (a damaged checkpoint)."""
-    verify(directory, step)
+    cannot be read, or when its checksum file is missing though its metadata says one was written (a checkpoint
+    from before checksums existed has no such record and is left to Orbax's own checks; one killed between
+    Orbax's last write and the checksums' counts as damaged, and the previous epoch is used)."""
+    checked = verify(directory, step)
     out, error = _orbax_restore(manager, step, meta=ocp.args.JsonRestore())
     if error is not None:
         raise CheckpointError(f"checkpoint {directory}/{step} is damaged: its metadata cannot be read ({error})")
     meta = out.meta
     if not isinstance(meta, dict) or "config" not in meta:
         raise CheckpointError(f"checkpoint {directory}/{step} is damaged: its metadata records no config")
+    if meta.get("checksummed") and not checked:
+        raise CheckpointError(f"checkpoint {directory}/{step} is damaged: its checksum file {CHECKSUMS} is missing")
     return meta
 
 
@@ -306,62 +312,7 @@ def load_body(params: Any, trained_params: Any, head: str = "head") -> Any:
     return {k: (v if k == head else trained_params[k]) for k, v in params.items()}
 
 
-# Config fields a resumed run may change: they do not change what the finished epochs computed.
-NOT_CHECKED_ON_RESUME = {"epochs", "early_stopping_patience", "keep_checkpoints", "checkpoint_every", "log_every",
-                         "run_strategy", "runs_per_chunk", "devices"}
-
-
-# Config fields a resume may change when asked to (ResumeFrom.allow_changes): after a divergence, continue from
-# the last good checkpoint with a lower learning rate, other weight decay or gradient clipping.
-CHANGEABLE_ON_RESUME = ("learning_rate", "weight_decay", "grad_clip_norm")
-
-
-@dataclass(frozen=True)
-class ResumeFrom:
-    """How :func:`~jaxcifar.train.fit` resumes, beyond ``resume=True`` (the latest checkpoint, same config):
-    from checkpoint ``epoch`` (later ones are moved into ``superseded/``, not deleted), and/or with the
-    config fields in ``allow_changes`` (of :data:`CHANGEABLE_ON_RESUME`) changed. The changes are recorded in
-    the result's ``meta['config_changes']``."""
-
-    epoch: int | None = None
-    allow_changes: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        unknown = sorted(set(self.allow_changes) - set(CHANGEABLE_ON_RESUME))
-        if unknown:
-            raise ConfigError(f"cannot change {unknown} on resume: only {list(CHANGEABLE_ON_RESUME)} may change "
-                              "(the finished epochs would not match the others)")
-        if self.epoch is not None and (isinstance(self.epoch, bool) or self.epoch < 1):
-            raise ConfigError(f"resume from epoch {self.epoch!r}: give an epoch >= 1 that has a checkpoint")
-
-
-def check_resumable(saved: dict[str, Any], meta: dict[str, Any], directory: str | Path,
-                    allowed: Sequence[str] = ()) -> dict[str, list[Any]]:
-    """Refuse a checkpoint written by another config, other runs or another model (fields added since it was
-    written compare at their defaults), except for changes of the ``allowed`` fields, which are returned
-    as ``{field: [checkpoint's value, this config's value]}``."""
-    def config(d: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in _jsonable(saved_config(d).to_dict()).items() if k not in NOT_CHECKED_ON_RESUME}
-
-    def model(d: dict[str, Any]) -> Any:
-        return (d.get("components") or {}).get("model_repr")
-
-    old, new = config(saved["config"]), config(meta["config"])
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    refused = [k for k in changed if k not in allowed]
-    if refused or _jsonable(saved["runs"]) != _jsonable(meta["runs"]) or model(saved) != model(meta):
-        differs = f" (it differs in {refused})" if refused else ""
-        raise ConfigError(f"the checkpoint in {directory} was written by a different config{differs}: use a new "
-                          f"output directory, resume=False (--no-resume) to start over, or allow_changes "
-                          f"(--allow-config-change) for {list(CHANGEABLE_ON_RESUME)}")
-    return {k: [old.get(k), new.get(k)] for k in changed}
-
-
 def saved_config(recorded: dict[str, Any]) -> TrainConfig:
     """The config a checkpoint recorded, with the fields added since at their defaults (and fields it
     records that no longer exist left out)."""
     return TrainConfig.from_dict({k: v for k, v in recorded.items() if k in TrainConfig.__dataclass_fields__})
-
-
-def _jsonable(x: Any) -> Any:
-    return json.loads(json.dumps(x, default=str))

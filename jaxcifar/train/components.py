@@ -36,6 +36,7 @@ import optax
 
 from jaxcifar.errors import ConfigError
 from jaxcifar.train.config import TrainConfig
+from jaxcifar.train.fingerprint import fingerprint
 
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 MetricsFn = Callable[[jax.Array, jax.Array], dict[str, jax.Array]]
@@ -66,6 +67,14 @@ class Components:
         """Stable text labels (the same across processes) for results and checkpoints."""
         return {"model": label(self.model), "model_repr": None if self.model is None else repr(self.model),
                 "tx": label(self.tx), "loss_fn": label(self.loss_fn), "metrics_fn": label(self.metrics_fn)}
+
+    def fingerprints(self, tx: optax.GradientTransformation, config: TrainConfig) -> dict[str, str | None]:
+        """What a checkpoint compares on resume (:mod:`~jaxcifar.train.fingerprint`): the transformation ``tx``
+        built from the user's (None for the built-in one, which the config describes), the loss and metric
+        functions and the augmentation functions in ``config.augment``."""
+        functions = tuple(a for a in config.augment if callable(a))
+        return {"tx": fingerprint(tx) if self.tx is not None else None, "loss_fn": fingerprint(self.loss_fn),
+                "metrics_fn": fingerprint(self.metrics_fn), "augment": fingerprint(functions) if functions else None}
 
     def optimizer(self, config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation | None:
         """The user's transformation (a factory called with the config), or None for the built-in one."""
@@ -150,10 +159,27 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def takes_dropout_rate(model: nn.Module) -> bool:
-    """Whether ``model.__call__`` takes a ``dropout_rate`` argument (or ``**kwargs``)."""
+def _call_parameters(model: nn.Module) -> tuple[set[str], bool]:
+    """The names ``model.__call__`` takes, and whether it takes ``**kwargs`` too."""
     params = inspect.signature(type(model).__call__).parameters
-    return "dropout_rate" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return set(params), any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def takes_dropout_rate(model: nn.Module) -> bool:
+    """Whether ``model.__call__`` takes a ``dropout_rate`` argument: named in its signature, or, behind
+    ``**kwargs`` (e.g. a wrapper such as ``nnx.bridge.to_linen``), accepted when traced (no compilation)."""
+    names, var_keyword = _call_parameters(model)
+    if "dropout_rate" in names:
+        return True
+    if not var_keyword:
+        return False
+    x = jnp.zeros((1, 32, 32, 3))
+    try:
+        jax.eval_shape(lambda: model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x,
+                                          train=False, dropout_rate=0.0))
+    except TypeError:
+        return False
+    return True
 
 
 def _check_model_object(model: Any, config: TrainConfig, dropout_varies: bool) -> None:
@@ -162,9 +188,10 @@ def _check_model_object(model: Any, config: TrainConfig, dropout_varies: bool) -
                           f"{model.__name__}(...)")
     _require(isinstance(model, nn.Module), f"model must be a flax.linen.Module instance, got {type(model).__name__}")
     name = type(model).__name__
-    params = inspect.signature(type(model).__call__).parameters
-    _require("train" in params, f"{name}.__call__ must take `train: bool` (dropout and batch-norm mode): "
-             f"def __call__(self, x, train: bool = False)")
+    names, var_keyword = _call_parameters(model)
+    # behind **kwargs, tracing (check_model_outputs) tells whether `train` is taken
+    _require("train" in names or var_keyword, f"{name}.__call__ must take `train: bool` (dropout and batch-norm "
+             f"mode): def __call__(self, x, train: bool = False)")
     _require(not config.model_kwargs, f"model_kwargs configure a registered model; {name} is given as an object: "
              "set its fields instead and drop model_kwargs")
     if (config.dropout_rate or dropout_varies) and not takes_dropout_rate(model):
@@ -194,8 +221,9 @@ def check_model_outputs(model: nn.Module, num_classes: int, dtype: Any) -> None:
                                                       x, train=False))
         logits = jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{name} fails on a batch of 32x32x3 images ({str(e).splitlines()[0]}): it must map "
-                          "[N, 32, 32, 3] to logits [N, classes]") from e
+        raise ConfigError(f"{name} fails on a batch of 32x32x3 images called with train=False "
+                          f"({str(e).splitlines()[0]}): it must map [N, 32, 32, 3] to logits [N, classes] and take "
+                          "`train: bool`") from e
     other = set(variables) - {"params", "batch_stats"}
     _require(not other, f"{name} keeps variable collections {sorted(other)}: fit trains only 'params' and "
              "'batch_stats'; make them one of these")

@@ -15,6 +15,7 @@ from jaxcifar.errors import TrainingError
 from jaxcifar.train.checkpoint import Saver
 from jaxcifar.train.components import Components, recorded_config
 from jaxcifar.train.config import TrainConfig
+from jaxcifar.train.fingerprint import tree_signature
 from jaxcifar.train.history import summary
 from jaxcifar.train.parallel import replicate, shard_runs
 from jaxcifar.train.plan import RunPlan
@@ -75,8 +76,9 @@ class Group:
         if splits is not None:  # per-run validation sets: evaluation indices go through each run's own index
             train_index, val_index = (x if plan.run_axis else x[0] for x in splits)
             plans["val"] = (val_index[..., plans["val"][0]], plans["val"][1])
+        described = {**components.describe(), "fingerprints": components.fingerprints(steps.tx, config)}
         meta = {"config": recorded_config(config, components), "runs": runs, "fine_tuned": body is not None,
-                "components": components.describe(), "loop": plan.loop,
+                "components": described, "opt_state": tree_signature(state.opt_state), "loop": plan.loop,
                 "chunk": program.bounds[0][1], "run_axis": plan.run_axis, "run_strategy": plan.strategy,
                 "normalization": {"mean": data.mean, "std": data.std}, "num_classes": data.num_classes,
                 "train_size": data.train_size, "split_per_run": bool(data.per_run_val),

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -28,7 +30,6 @@ from jaxcifar.errors import ConfigError, warn
 from jaxcifar.lock import DirectoryLock
 from jaxcifar.train import checkpoint as ckpt
 from jaxcifar.train.callbacks import Callback, CallbackList, EpochHook, Event, JsonlWriter, Start, TensorBoardWriter
-from jaxcifar.train.checkpoint import ResumeFrom
 from jaxcifar.train.compilation import CompileClock
 from jaxcifar.train.components import Components, LossFn, MetricsFn, TxFactory, check_components
 from jaxcifar.train.config import TrainConfig, validate_config
@@ -37,7 +38,7 @@ from jaxcifar.train.history import append_epoch, interval_means, interval_points
 from jaxcifar.train.parallel import replicate
 from jaxcifar.train.plan import RunPlan, cuda_fallback, halving_group_size, make_plan
 from jaxcifar.train.program import PROGRAMS, EpochProgram, build_program, program_key
-from jaxcifar.train.resume import restore_group
+from jaxcifar.train.resume import ResumeFrom, restore_group
 from jaxcifar.train.runs import concat_runs, memory_budget
 from jaxcifar.train.setup import PreparedData, build, init_state, prepare_data
 from jaxcifar.train.state import TrainState, stack_states
@@ -46,6 +47,7 @@ from jaxcifar.train.steps import StepFns
 __all__ = ["RUN_KEYS", "FitResult", "fit"]
 
 RUN_KEYS = ("seed", "dropout_rate", "learning_rate", "weight_decay")
+BUILT_IN_CHANGES = {"learning_rate", "weight_decay", "grad_clip_norm"}  # resume changes of the built-in optimizer
 EpochHookFn = Callable[[int, list[dict[str, Any]]], None]
 
 
@@ -115,9 +117,10 @@ def fit(
     """
     components = Components(model, tx, loss_fn, metrics_fn)
     run_list = _checked_runs(config, runs, components)
-    if isinstance(resume, ResumeFrom) and resume.allow_changes and tx is not None:
-        raise ConfigError("resume with allow_changes needs the built-in optimizer (it injects the learning rate and "
-                          "weight decay); with your own tx, start over or restore its state yourself")
+    built_in_only = sorted(set(resume.allow_changes) & BUILT_IN_CHANGES) if isinstance(resume, ResumeFrom) else []
+    if built_in_only and tx is not None:
+        raise ConfigError(f"resume allowing {built_in_only} needs the built-in optimizer (it injects the learning "
+                          "rate and weight decay); with your own tx allow 'tx' and pass the changed tx instead")
     data = _prepared(dataset, config, per_run_split=runs is not None and config.split_per_run)
     validate_config(config, train_size=data.train_size)
     plan = make_plan(config, len(run_list), runs is not None, data.train_size)
@@ -127,13 +130,15 @@ def fit(
              "the CPU defaults: JAX_PLATFORMS=cuda shows why, --require-gpu (require_accelerator()) stops instead")
     data = _placed(data, plan)
     key = program_key(config, data, plan, components)
-    steps = PROGRAMS.get(("steps", key), lambda: build(config, data, plan.data_mesh, components))
     writers = [*callbacks, *_writers(log_dir or checkpoint_dir, tensorboard)]
     results: list[FitResult] = []
     # one lock per job: in a multi-host job every process writes into the same directory, with Orbax's coordination
     locked = checkpoint_dir is not None and jax.process_index() == 0
     with DirectoryLock(checkpoint_dir) if locked else contextlib.nullcontext():
-        size = plan.group_size or _group_size_that_fits(config, data, steps, plan, key, run_list)
+        with CompileClock() as setup:  # counted into the start-up figures with the groups' own
+            steps = PROGRAMS.get(("steps", key), lambda: build(config, data, plan.data_mesh, components))
+            size = (plan.group_size or (resume is not False and _saved_group_size(checkpoint_dir, plan.n_runs))
+                    or _group_size_that_fits(config, data, steps, plan, key, run_list))
         for members in plan.groups(size):
             program = _program(config, data, steps, plan, key, len(members))
             group_dir = _group_dir(checkpoint_dir, members, plan.n_runs, size)
@@ -143,7 +148,7 @@ def fit(
                 group = Group.start(config, data, steps, program, plan, list(members), run_list, group_dir, body,
                                      components)
             results.append(train_group(group, resume, progress, hooks, init))
-    return _merged(config, run_list, plan, size, steps, results)
+    return _merged(config, run_list, plan, size, steps, results, setup)
 
 
 def _writers(directory: str | None, tensorboard: bool) -> list[Callback]:
@@ -178,7 +183,13 @@ def _checked_runs(config: TrainConfig, runs: Sequence[dict[str, Any]] | None,
 
 
 def _prepared(dataset: Dataset | PreparedData, config: TrainConfig, per_run_split: bool) -> PreparedData:
-    return dataset if isinstance(dataset, PreparedData) else prepare_data(dataset, config, per_run_split)
+    if isinstance(dataset, PreparedData):
+        return dataset
+    if not isinstance(dataset, Dataset):
+        raise ConfigError(f"fit takes a jaxcifar Dataset, got {type(dataset).__name__}: wrap arrays with "
+                          "Dataset.from_arrays(train_images, train_labels, test_images, test_labels), or load one "
+                          "with load_cifar")
+    return prepare_data(dataset, config, per_run_split)
 
 
 def _placed(data: PreparedData, plan: RunPlan) -> PreparedData:
@@ -209,6 +220,19 @@ def _group_size_that_fits(config: TrainConfig, data: PreparedData, steps: StepFn
     return halving_group_size(len(runs), fits)
 
 
+def _saved_group_size(checkpoint_dir: str | None, n_runs: int) -> int | None:
+    """The group size an earlier fit into ``checkpoint_dir`` used (read off its layout: checkpoints at the top
+    for one group, ``runs_0000-0003/``, ... for groups of 4), or None when it holds none. A resume keeps it,
+    so that it finds its groups' checkpoints, and needs no memory probe (which compiles a training chunk)."""
+    directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if directory is None or not directory.is_dir():
+        return None
+    if any(p.name.isdigit() for p in directory.iterdir()):
+        return n_runs
+    first = re.fullmatch(r"runs_0000-(\d{4})", " ".join(p.name for p in directory.glob("runs_0000-*")))
+    return int(first.group(1)) + 1 if first else None
+
+
 def _group_dir(checkpoint_dir: str | None, members: range, n_runs: int, size: int) -> str | None:
     """The group's checkpoint directory: ``checkpoint_dir`` itself when all runs form one group."""
     if checkpoint_dir is None or size >= n_runs:
@@ -227,8 +251,11 @@ def train_group(g: Group, resume: bool | ResumeFrom, progress: bool, callbacks: 
         # created after the restore, which may have moved damaged or superseded checkpoints aside
         saver = ckpt.Saver(g.checkpoint_dir, g.config.keep_checkpoints) if g.checkpoint_dir else None
         start_epoch = int(np.max(jax.device_get(state.epoch)))
+        summaries = None
         if start_epoch < g.config.epochs:
             g.program.precompile(state, g.data, g.train_index, g.eval_plans)
+        else:  # a finished run reopened: its evaluation is all there is to compile
+            summaries = g.summaries(state, histories)
     startup = {"startup_seconds": init.wall + compiles.wall, "compile_seconds": init.seconds + compiles.seconds,
                "compilations": init.compiles + compiles.compiles}
     start = Start(g.run_ids, start_epoch, start_epoch * g.steps_per_epoch)
@@ -238,15 +265,17 @@ def train_group(g: Group, resume: bool | ResumeFrom, progress: bool, callbacks: 
         for epoch in range(start_epoch + 1, g.config.epochs + 1):
             state = _epoch(g, state, epoch, histories, progress, callbacks)
             diverged = g.check_divergence(state, epoch, saver, progress)
-            stop = _should_stop(g.config, state, epoch, diverged)
+            stop = _should_stop(g.config, state, epoch, diverged) or epoch == g.config.epochs
+            # the last checkpoint records the summaries, so that load_sweep needs no data and no evaluation
+            summaries = g.summaries(state, histories) if stop else None
             if saver is not None and (stop or _saves(g.config, epoch)):
-                saver.save(epoch, state, {**g.meta, "histories": histories, "config_changes": changes},
+                saver.save(epoch, state, {**g.meta, "histories": histories, "config_changes": changes,
+                                          **({"summaries": summaries} if stop else {})},
                            g.selection_metrics(histories))
             callbacks.on_epoch(Event("epoch", epoch, epoch * g.steps_per_epoch, g.run_ids,
                                      [last_epoch(h) for h in histories], state, histories))
             if stop:
                 break
-        summaries = g.summaries(state, histories)
     callbacks.on_end(start)
     meta = {**g.meta, **startup, "epoch_compilations": later.compiles, "config_changes": changes}
     return FitResult(g.config, g.runs, histories, summaries, state, None, g.meta["run_axis"], meta)
@@ -353,14 +382,15 @@ def _should_stop(config: TrainConfig, state: TrainState, epoch: int, diverged: n
 
 
 def _merged(config: TrainConfig, runs: list[dict[str, Any]], plan: RunPlan, size: int, steps: StepFns,
-            results: list[FitResult]) -> FitResult:
-    """One result for all groups: histories and summaries in run order, states concatenated on the run axis."""
+            results: list[FitResult], setup: CompileClock) -> FitResult:
+    """One result for all groups: histories and summaries in run order, states concatenated on the run axis;
+    the start-up figures are the groups' and the ``setup``'s (step functions, memory probe)."""
     first = results[0]
     meta = {**first.meta, "runs": runs, "runs_per_chunk": size, "run_groups": len(results),
             "devices": plan.mesh.size, "parallel": plan.parallel,
-            "startup_seconds": sum(r.meta["startup_seconds"] for r in results),
-            "compile_seconds": sum(r.meta["compile_seconds"] for r in results),
-            "compilations": sum(r.meta["compilations"] for r in results),
+            "startup_seconds": setup.wall + sum(r.meta["startup_seconds"] for r in results),
+            "compile_seconds": setup.seconds + sum(r.meta["compile_seconds"] for r in results),
+            "compilations": setup.compiles + sum(r.meta["compilations"] for r in results),
             "epoch_compilations": sum(r.meta["epoch_compilations"] for r in results)}
     histories = [h for r in results for h in r.histories]
     summaries = [s for r in results for s in r.summaries]

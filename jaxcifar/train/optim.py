@@ -19,6 +19,14 @@ from jaxcifar.errors import ConfigError
 from jaxcifar.train import muon
 from jaxcifar.train.config import TrainConfig
 
+# schedules laid out over the whole training: their learning rate at a step depends on `epochs`
+EPOCH_SCHEDULES = ("cosine", "warmup_cosine", "onecycle", "triangular", "linear")
+
+
+def depends_on_epochs(c: TrainConfig) -> bool:
+    """Whether the built-in optimizer of ``c`` changes with ``c.epochs`` (its schedule, or lookahead's ramp)."""
+    return c.schedule in EPOCH_SCHEDULES or c.lookahead_every is not None
+
 
 def unit_schedule(c: TrainConfig, steps_per_epoch: int,
                   epochs: float | None = None) -> Callable[[jnp.ndarray], jnp.ndarray]:

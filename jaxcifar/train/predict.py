@@ -1,4 +1,5 @@
-"""Load a trained model from a ``fit`` checkpoint directory and predict class probabilities."""
+"""Load a trained model from a ``fit`` checkpoint directory and predict class probabilities; read a finished
+sweep back for analysis (:func:`load_sweep`)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,13 @@ from jaxcifar.data.checks import checked_images
 from jaxcifar.errors import CheckpointError
 from jaxcifar.models import MODELS
 from jaxcifar.train import checkpoint as ckpt
+from jaxcifar.train.checkpoint import saved_config
 from jaxcifar.train.components import Components
 from jaxcifar.train.config import TrainConfig
+from jaxcifar.train.loop import FitResult
+from jaxcifar.train.runs import concat_runs
 from jaxcifar.train.setup import build_for, init_state
-from jaxcifar.train.state import stack_states, unstack_state
+from jaxcifar.train.state import TrainState, stack_states, unstack_state
 from jaxcifar.train.steps import StepFns
 
 
@@ -62,34 +66,89 @@ def load_trained(directory: str | Path, which: str | int = "best", run: int = 0,
     ``model``: the module a run trained with ``fit(model=...)`` used (the same class and fields); registered
     and built-in models are rebuilt by name. ``num_classes`` is needed only for checkpoints that do not record
     it. Only the weights are read, so the optimizer, loss and augmentations need not be given."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise CheckpointError(f"no checkpoint directory {directory}: train first or pass the right path")
-    manager = ckpt.checkpoint_manager(directory)
-    step = ckpt.checkpoint_step(manager, directory, which)
-    meta = ckpt.read_meta(manager, directory, step)
-    num_classes = meta.get("num_classes", num_classes)
-    if num_classes is None:
-        raise CheckpointError(f"{directory} does not record its class count: pass num_classes")
-    config = TrainConfig.from_dict(meta["config"])
-    _check_loadable(config, meta, directory, model, ema)
+    manager, step, meta = _opened(directory, which)
+    fns, config = _inference(meta, Path(directory), num_classes, model, ema)
     runs = meta["runs"]
     if not 0 <= run < len(runs):
         raise CheckpointError(f"run {run} is not in {directory} (it holds {len(runs)} runs): pick 0..{len(runs) - 1}")
-    norm = meta["normalization"]
-    # Only what inference uses: the recorded augmentations and optimizer play no part.
-    inference = config.replace(augment=())
-    fns = build_for(inference, norm["mean"], norm["std"], num_classes,
-                    meta.get("train_size", config.batch_size), components=Components(model=model))
-    states = [init_state(inference, fns, r) for r in runs]
+    states = [init_state(config, fns, r) for r in runs]
     run_axis = meta.get("run_axis", meta.get("vmapped"))  # checkpoints before 0.2 call it "vmapped"
-    fields = WEIGHT_FIELDS + (("ema",) if ema else ())
-    state = ckpt.read_state(manager, directory, step, stack_states(states) if run_axis else states[0], fields)
+    state = ckpt.read_state(manager, directory, step, stack_states(states) if run_axis else states[0],
+                            _weight_fields(ema))
     if run_axis:
         state = unstack_state(state, run)
     variables = state.weights("ema" if ema else "best" if which == "best" else "current")
     epoch = int(state.best_epoch) if which == "best" and not ema else int(state.epoch)
     return Trained(fns, variables, config, meta, epoch, step)
+
+
+def load_sweep(directory: str | Path, model: nn.Module | None = None) -> FitResult:
+    """A finished ``fit`` (one run or a sweep, in one or several groups of runs) read back from its last
+    checkpoints, for analysis: what :func:`~jaxcifar.robustness.evaluate_robustness` and
+    :func:`~jaxcifar.compare.compare` take, without the data and without building or compiling the training
+    program. Its ``state`` holds the weights (current, best and, with ``ema_decay``, averaged; the optimizer
+    state is not read), its ``summaries`` are those the last checkpoint recorded; ``model`` as for
+    :func:`load_trained`."""
+    directory = Path(directory)
+    groups = sorted(directory.glob("runs_[0-9][0-9][0-9][0-9]-[0-9][0-9][0-9][0-9]")) or [directory]
+    parts = [_sweep_group(d, model) for d in groups]
+    fns, meta, _ = parts[0]
+    if meta["run_axis"]:
+        fields = _weight_fields(saved_config(meta["config"]).ema_decay is not None)
+        joined = {f: concat_runs([getattr(state, f) for _, _, state in parts]) for f in fields}
+        state = parts[0][2].replace(**joined)
+    else:
+        state = parts[0][2]
+    runs = [r for _, m, _ in parts for r in m["runs"]]
+    histories = [h for _, m, _ in parts for h in m["histories"]]
+    summaries = [x for _, m, _ in parts for x in m["summaries"]]
+    return FitResult(saved_config(meta["config"]), runs, histories, summaries, state, fns, meta["run_axis"],
+                     {**meta, "runs": runs, "run_groups": len(parts)})
+
+
+def _sweep_group(directory: Path, model: nn.Module | None) -> tuple[StepFns, dict[str, Any], TrainState]:
+    """One group's inference functions, last checkpoint's metadata and weights (the other fields abstract)."""
+    manager, step, meta = _opened(directory, "latest")
+    if "summaries" not in meta:
+        raise CheckpointError(f"the runs in {directory} are not finished (last checkpoint: epoch {step}), or were "
+                              "trained before checkpoints recorded their summaries: finish them with fit first")
+    fns, config = _inference(meta, directory, None, model, ema=False)
+    placed = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placed), jax.eval_shape(
+        lambda: stack_states([init_state(config, fns, r) for r in meta["runs"]]) if meta["run_axis"]
+        else init_state(config, fns, meta["runs"][0])))
+    return fns, meta, ckpt.read_state(manager, directory, step, target, _weight_fields(config.ema_decay is not None))
+
+
+def _weight_fields(ema: bool) -> tuple[str, ...]:
+    """The state's fields inference reads: the weights, and with ``ema`` their moving average."""
+    return WEIGHT_FIELDS + (("ema",) if ema else ())
+
+
+def _opened(directory: str | Path, which: str | int) -> tuple[Any, int, dict[str, Any]]:
+    """``(manager, step, meta)`` of checkpoint ``which`` in ``directory``, checked to exist."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"no checkpoint directory {directory}: train first or pass the right path")
+    manager = ckpt.checkpoint_manager(directory)
+    step = ckpt.checkpoint_step(manager, directory, which)
+    return manager, step, ckpt.read_meta(manager, directory, step)
+
+
+def _inference(meta: dict[str, Any], directory: Path, num_classes: int | None, model: nn.Module | None,
+               ema: bool) -> tuple[StepFns, TrainConfig]:
+    """The step functions for inference with the checkpoint's model and normalization, and the recorded
+    config without augmentations (only what inference uses: the augmentations and optimizer play no part)."""
+    num_classes = meta.get("num_classes", num_classes)
+    if num_classes is None:
+        raise CheckpointError(f"{directory} does not record its class count: pass num_classes")
+    config = TrainConfig.from_dict(meta["config"])
+    _check_loadable(config, meta, directory, model, ema)
+    inference = config.replace(augment=())
+    norm = meta["normalization"]
+    fns = build_for(inference, norm["mean"], norm["std"], num_classes, meta.get("train_size", config.batch_size),
+                    components=Components(model=model))
+    return fns, inference
 
 
 def _check_loadable(config: TrainConfig, meta: dict[str, Any], directory: Path, model: nn.Module | None,

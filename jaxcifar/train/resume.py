@@ -1,23 +1,123 @@
 """Resuming a group of runs from its checkpoints: the newest usable one (damaged ones are skipped and set
-aside), optionally an earlier epoch, optionally with a changed learning rate, weight decay or gradient
-clipping (:class:`~jaxcifar.train.checkpoint.ResumeFrom`) — the way to go on after a run diverged."""
+aside) written with the same config, runs, model and pieces (:func:`check_resumable`), optionally an earlier
+epoch, optionally with allowed changes (:class:`ResumeFrom`): a changed learning rate, weight decay or
+gradient clipping is the way to go on after a run diverged."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 from tqdm.auto import tqdm
 
-from jaxcifar.errors import CheckpointError
+from jaxcifar.errors import CheckpointError, ConfigError
 from jaxcifar.train import checkpoint as ckpt
-from jaxcifar.train.checkpoint import ResumeFrom, check_resumable
+from jaxcifar.train.checkpoint import saved_config
+from jaxcifar.train.fingerprint import tree_signature
 from jaxcifar.train.group import Group
 from jaxcifar.train.history import history_problem, new_history
-from jaxcifar.train.optim import make_optimizer
+from jaxcifar.train.optim import depends_on_epochs, make_optimizer
 from jaxcifar.train.setup import HYPERPARAMS
 from jaxcifar.train.state import TrainState
+
+# Config fields a resumed run may change: they do not change what the finished epochs computed. (`epochs` is
+# checked apart: it matters only where the schedule is laid out over it.)
+NOT_CHECKED_ON_RESUME = {"epochs", "early_stopping_patience", "keep_checkpoints", "checkpoint_every", "log_every",
+                         "run_strategy", "runs_per_chunk", "devices"}
+
+
+# What a resume may change when asked to (ResumeFrom.allow_changes): after a divergence, continue from the last
+# good checkpoint with a lower learning rate, other weight decay or gradient clipping; train longer under a
+# schedule laid out over the epochs; go on with a changed optimizer, loss, metrics or augmentation function.
+CHANGEABLE_ON_RESUME = ("learning_rate", "weight_decay", "grad_clip_norm", "epochs", "tx", "loss_fn", "metrics_fn",
+                        "augment")
+PIECES = {"tx": "optimizer (tx)", "loss_fn": "loss_fn", "metrics_fn": "metrics_fn",
+          "augment": "augmentation function(s)"}  # the user's pieces a checkpoint fingerprints, as messages name them
+
+
+@dataclass(frozen=True)
+class ResumeFrom:
+    """How :func:`~jaxcifar.train.fit` resumes, beyond ``resume=True`` (the latest checkpoint, same config and
+    pieces): from checkpoint ``epoch`` (later ones are moved into ``superseded/``, not deleted), and/or with
+    the changes in ``allow_changes`` (of :data:`CHANGEABLE_ON_RESUME`) allowed. A changed ``epochs`` under a
+    schedule laid out over the epochs continues from the current step of the new schedule (the learning rate
+    takes the new schedule's value there). The changes are recorded in the result's ``meta['config_changes']``."""
+
+    epoch: int | None = None
+    allow_changes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.allow_changes) - set(CHANGEABLE_ON_RESUME))
+        if unknown:
+            raise ConfigError(f"cannot change {unknown} on resume: only {list(CHANGEABLE_ON_RESUME)} may change "
+                              "(the finished epochs would not match the others)")
+        if self.epoch is not None and (isinstance(self.epoch, bool) or self.epoch < 1):
+            raise ConfigError(f"resume from epoch {self.epoch!r}: give an epoch >= 1 that has a checkpoint")
+
+
+def check_resumable(saved: dict[str, Any], meta: dict[str, Any], directory: str | Path,
+                    allowed: Sequence[str] = ()) -> dict[str, list[Any]]:
+    """Refuse, in one line naming what differs, a checkpoint written by another config, other runs, another
+    model, another user piece (optimizer, loss, metrics, augmentation functions: compared by fingerprint) or
+    another ``epochs`` under a schedule laid out over it (fields added since it was written compare at their
+    defaults; pieces it did not fingerprint are not compared). Changes of the ``allowed`` fields and pieces
+    are returned as ``{name: [checkpoint's value, this run's value]}``."""
+    old, new = _checked_config(saved), _checked_config(meta)
+    changed = {k: [old.get(k), new.get(k)] for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
+    if _epochs_matter(saved) or _epochs_matter(meta):
+        epochs = [saved_config(d["config"]).epochs for d in (saved, meta)]
+        changed.update({"epochs": epochs} if epochs[0] != epochs[1] else {})
+    prints = [(d.get("components") or {}).get("fingerprints") for d in (saved, meta)]
+    if prints[0] is not None:
+        changed.update({k: [prints[0].get(k), (prints[1] or {}).get(k)] for k in PIECES
+                        if prints[0].get(k) != (prints[1] or {}).get(k)})
+    over, over_cli = "use a new directory or resume=False to start over", "use a new --out or --no-resume"
+    if _jsonable(saved["runs"]) != _jsonable(meta["runs"]) or _model(saved) != _model(meta):
+        problem = f"the checkpoint in {directory} was written for other runs or another model: "
+        raise ConfigError(problem + over, cli=problem + over_cli)
+    refused = [k for k in changed if k not in allowed]
+    if refused:
+        problem = f"the checkpoint in {directory} was written with another {_named(refused, changed)}: "
+        if set(refused) <= set(CHANGEABLE_ON_RESUME):  # the fix names exactly what to allow
+            raise ConfigError(f"{problem}allow it with resume=ResumeFrom(allow_changes={tuple(refused)!r}), or "
+                              f"{over}", cli=f"{problem}allow it with --allow-config-change {','.join(refused)}, or "
+                              f"{over_cli}")
+        raise ConfigError(problem + over, cli=problem + over_cli)
+    return changed
+
+
+def _checked_config(d: dict[str, Any]) -> dict[str, Any]:
+    """The recorded config's fields that a resume compares."""
+    return {k: v for k, v in _jsonable(saved_config(d["config"]).to_dict()).items() if k not in NOT_CHECKED_ON_RESUME}
+
+
+def _model(d: dict[str, Any]) -> Any:
+    return (d.get("components") or {}).get("model_repr")
+
+
+def _epochs_matter(d: dict[str, Any]) -> bool:
+    """Whether the run recorded in ``d`` uses the built-in optimizer with a schedule laid out over ``epochs``
+    (a user's optimizer is compared by fingerprint: a factory that reads ``epochs`` builds another one)."""
+    return (d.get("components") or {}).get("tx") is None and depends_on_epochs(saved_config(d["config"]))
+
+
+def _named(refused: list[str], changed: dict[str, list[Any]]) -> str:
+    """The refused differences in words: config fields with their two values, pieces by name."""
+    parts = []
+    for k in refused:
+        if k in PIECES:
+            parts.append(PIECES[k])
+        elif k == "epochs":
+            parts.append(f"epochs ({changed[k][0]} -> {changed[k][1]}; the schedule is laid out over the epochs: when "
+                         "allowed, training goes on from the current step of the new schedule)")
+        else:
+            parts.append(f"{k} ({changed[k][0]!r} -> {changed[k][1]!r})")
+    return "; ".join(parts)
 
 
 def restore_group(g: Group, resume: bool | ResumeFrom, progress: bool
@@ -44,7 +144,12 @@ def restore_group(g: Group, resume: bool | ResumeFrom, progress: bool
         problem = _histories_problem(saved.get("histories"), step, len(g.runs))
         if problem:
             raise CheckpointError(f"checkpoint {g.checkpoint_dir}/{step} is damaged: {problem}")
-        return _shaped_like_checkpoint(g, saved["config"])
+        state = _shaped_like_checkpoint(g, saved["config"])
+        recorded = saved.get("opt_state")  # absent in checkpoints written before it was recorded
+        if recorded is not None and recorded != tree_signature(state.opt_state):
+            raise ConfigError(f"the optimizer state in {g.checkpoint_dir} is not this optimizer's (its structure "
+                              "differs): start over with resume=False (--no-resume) or use a new directory")
+        return state
 
     found = ckpt.restore_usable(g.checkpoint_dir, target, how.epoch)
     if found is None:
@@ -56,6 +161,8 @@ def restore_group(g: Group, resume: bool | ResumeFrom, progress: bool
         history_of_changes.append({"resumed_after_epoch": found.step, "changes": changes})
     if progress:
         changed = f" with {', '.join(f'{k} {a} -> {b}' for k, (a, b) in changes.items())}" if changes else ""
+        if "epochs" in changes:
+            changed += f" (the schedule goes on from step {int(np.max(jax.device_get(state.step)))} of the new one)"
         tqdm.write(f"resuming after epoch {found.step} from {g.checkpoint_dir}{changed} (--no-resume starts over)")
     return state, found.meta["histories"], history_of_changes
 
@@ -90,10 +197,10 @@ def _supersede_after(directory: str, epoch: int) -> None:
                        f"to {ckpt.set_aside(directory, step, 'superseded')}")
 
 
-def _shaped_like_checkpoint(g: Group, saved_config: dict[str, Any]) -> TrainState:
+def _shaped_like_checkpoint(g: Group, recorded: dict[str, Any]) -> TrainState:
     """The state to restore into: the group's fresh state, whose optimizer state is shaped like the
     checkpoint's when gradient clipping was switched on or off since (the chain gains or loses a step)."""
-    old = ckpt.saved_config(saved_config)
+    old = saved_config(recorded)
     if bool(old.grad_clip_norm) == bool(g.config.grad_clip_norm):
         return g.initial
     tx = make_optimizer(old, g.steps_per_epoch)
@@ -119,3 +226,7 @@ def _with_changes(g: Group, state: TrainState, changes: dict[str, list[Any]]) ->
     if injected:
         opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams, **injected})
     return state.replace(opt_state=opt_state)
+
+
+def _jsonable(x: Any) -> Any:
+    return json.loads(json.dumps(x, default=str))

@@ -219,8 +219,9 @@ class StepFns:
         x = normalize(images, self.mean, self.std, self.compute_dtype)
 
         def mirrored(v):
-            out = self.model.apply(variables, v)
-            return out if self.tta == 0 else 0.5 * (out + self.model.apply(variables, v[:, :, ::-1]))
+            # train=False said explicitly: a module written flax-examples style defaults `train` to True
+            out = self.model.apply(variables, v, train=False)
+            return out if self.tta == 0 else 0.5 * (out + self.model.apply(variables, v[:, :, ::-1], train=False))
 
         logits = mirrored(x)
         if self.tta >= 2:
