@@ -53,7 +53,7 @@ def test_cache_serves_second_load_and_notices_changes(folder, tmp_path, monkeypa
     first = _load(root, cache)
     assert len(list(cache.glob("*.npz"))) == 1
     with monkeypatch.context() as m:  # served from the cache: no decoding
-        m.setattr(sources, "_read_image_folder", lambda *a, **k: pytest.fail("decoded the images again"))
+        m.setattr(sources, "read_image_folder", lambda *a, **k: pytest.fail("decoded the images again"))
         second = _load(root, cache)
     np.testing.assert_array_equal(first.train.images, second.train.images)
     # A changed source gets a new cache entry and its new content.
@@ -183,7 +183,7 @@ def test_shared_cifar10_jpeg_copy(tmp_path, monkeypatch):
     np.testing.assert_allclose(mean, [0.4913, 0.4821, 0.4465], atol=1e-3)
     np.testing.assert_allclose(std, [0.2452, 0.2428, 0.2606], atol=1e-3)
     # The second load comes from the decoded-array cache: decoding again would fail here.
-    monkeypatch.setattr(sources, "_read_image_folder", lambda *a, **k: pytest.fail("decoded the zip again"))
+    monkeypatch.setattr(sources, "read_image_folder", lambda *a, **k: pytest.fail("decoded the zip again"))
     again = load_cifar("cifar10", REAL_ZIP, cache_dir=tmp_path, progress=False)
     np.testing.assert_array_equal(again.test.images, ds.test.images)
     assert jnp.asarray(ds.train.images[:1]).dtype == jnp.uint8

@@ -1,4 +1,5 @@
-"""CIFAR data: loading (tfds or a local ImageFolder/zip), statistics, splits, augmentation, batching."""
+"""CIFAR data: loading (tfds, the binary archive or a local ImageFolder/zip), statistics, splits, augmentation,
+batching."""
 
 from jaxcifar.data.augment import (
     AUGMENTATIONS,
@@ -15,8 +16,9 @@ from jaxcifar.data.augment import (
     register_augmentation,
 )
 from jaxcifar.data.batching import epoch_batches, eval_batches, steps_per_epoch
+from jaxcifar.data.folders import CIFAR10_CLASSES
 from jaxcifar.data.mix import MIXES, cutmix, mixup
-from jaxcifar.data.sources import CIFAR10_CLASSES, Dataset, Split, load_cifar
+from jaxcifar.data.sources import Dataset, Split, load_cifar
 from jaxcifar.data.split import class_counts, split_indices, train_val_split, validation_count
 from jaxcifar.data.stats import (
     CIFAR10_MEAN,

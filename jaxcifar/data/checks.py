@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxcifar.data.sources import IMAGE_SHAPE
+from jaxcifar.data.folders import IMAGE_SHAPE
 from jaxcifar.errors import DataError
 
 

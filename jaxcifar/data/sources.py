@@ -1,31 +1,23 @@
-"""Load CIFAR-10/100 as host arrays: through tfds, or from a local ImageFolder directory or zip.
-
-Layout of a local copy: ``<root>/{train,test}/<class>/*.{png,jpg,jpeg}`` where ``<root>`` is the given
-path or one folder inside it (e.g. ``cifar10/`` inside ``cifar10_jpeg.zip``). Images are decoded with PIL
-(accurate JPEG IDCT) and never extracted to disk.
-"""
+"""Load CIFAR-10/100 as host arrays: through tfds (with TensorFlow) or the authors' binary archive
+(:mod:`~jaxcifar.data.archives`, without), or from a local copy: an ImageFolder directory or zip
+(:mod:`~jaxcifar.data.folders`) or the binary archive."""
 
 from __future__ import annotations
 
-import io
+import importlib.util
 import os
-import zipfile
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
+from jaxcifar.data.archives import ARCHIVES, download_archive, is_archive, read_archive
 from jaxcifar.data.cache import CACHE_ENV, UnreadableCache, default_cache_dir, fingerprint, load_arrays, save_arrays
+from jaxcifar.data.folders import IMAGE_SHAPE, SPLITS, read_image_folder
 from jaxcifar.errors import DataError, first_line, warn
 
-IMAGE_SHAPE = (32, 32, 3)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-SPLITS = ("train", "test")
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 @dataclass(frozen=True)
@@ -115,11 +107,15 @@ def load_cifar(
 ) -> Dataset:
     """Load ``cifar10`` or ``cifar100``.
 
-    With ``path`` (an ImageFolder directory or ``.zip``) the local copy is read; otherwise tfds loads the
-    dataset (downloading into ``data_dir`` when online and ``download``). Decoded arrays are cached under ``cache_dir``
-    (default ``$JAXCIFAR_CACHE`` or ``~/.cache/jaxcifar``), keyed by the source's content, so the second
-    load takes well under a second. A local copy comes in class order (every image of the first class,
-    then the second, ...): take subsets with :meth:`Dataset.subset`, never by slicing.
+    With ``path`` (an ImageFolder directory or ``.zip``, or the authors' binary archive
+    ``cifar-10-binary.tar.gz`` / ``cifar-100-binary.tar.gz``) the local copy is read. Otherwise, with
+    TensorFlow installed (``pip install -e '.[tfds]'``), tfds loads the dataset (downloading into ``data_dir``
+    when online and ``download``); without it the binary archive is downloaded into ``cache_dir/downloads``,
+    checked against its published MD5 and read with NumPy (:mod:`jaxcifar.data.archives`). Decoded arrays
+    are cached under ``cache_dir`` (default ``$JAXCIFAR_CACHE`` or ``~/.cache/jaxcifar``), keyed by the
+    source's content, so the second load takes well under a second. A local copy comes in class order (every
+    image of the first class, then the second, ...): take subsets with :meth:`Dataset.subset`, never by
+    slicing.
     """
     if name not in NUM_CLASSES:
         raise DataError(f"unknown dataset {name!r}: use one of {sorted(NUM_CLASSES)}")
@@ -127,10 +123,17 @@ def load_cifar(
     if path is not None:
         source = Path(path).expanduser()
         if not source.exists():
-            raise DataError(f"data path {str(source)!r} does not exist: pass an ImageFolder directory or zip")
+            raise DataError(f"data path {str(source)!r} does not exist: pass an ImageFolder directory or zip, or "
+                            "the binary archive")
         key = f"{name}-folder-{fingerprint(source)}"
-        loader = lambda: _read_image_folder(source, name, progress)  # noqa: E731
+        loader = lambda: (read_archive(source, name) if is_archive(source)  # noqa: E731
+                          else read_image_folder(source, name, progress))
         label = str(source)
+    elif not has_tensorflow():  # the authors' binary archive, downloaded into the cache: no TensorFlow needed
+        archive = cache_root / "downloads" / ARCHIVES[name].filename
+        key = f"{name}-archive-{ARCHIVES[name].md5[:16]}"
+        loader = lambda: read_archive(_archive(name, archive, download, progress), name)  # noqa: E731
+        label = f"{ARCHIVES[name].url} (binary version)"
     else:
         key = f"{name}-tfds-{_tfds_key(data_dir)}"
         loader = lambda: _read_tfds(name, data_dir, download)  # noqa: E731
@@ -144,6 +147,20 @@ def load_cifar(
     if use_cache:
         _store(cache_file, arrays)
     return dataset
+
+
+def has_tensorflow() -> bool:
+    """Whether TensorFlow is installed (the ``tfds`` extra): tfds then downloads and prepares CIFAR; without it
+    the authors' binary archive is read instead (:mod:`jaxcifar.data.archives`)."""
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+def _archive(name: str, path: Path, download: bool, progress: bool) -> Path:
+    """The binary archive of ``name`` at ``path``, downloaded there first when allowed."""
+    if not download and not path.is_file():
+        problem = f"no {path.name} in {path.parent} and download=False: "
+        raise DataError(problem + "allow the download, or " + OFFLINE_FIX, cli=problem + OFFLINE_FLAG)
+    return download_archive(name, path.parent, OFFLINE_FIX, OFFLINE_FLAG, progress)
 
 
 def _from_cache(cache_file: Path, name: str, label: str) -> Dataset | None:
@@ -198,127 +215,18 @@ def _validate(ds: Dataset) -> None:
                             f"{split.images.dtype} images, expected uint8 {IMAGE_SHAPE}")
 
 
-# ----------------------------------------------------------------------------------------- ImageFolder
-
-
-class _Files:
-    """Uniform read access to a directory tree or a zip archive (members are read, never extracted)."""
-
-    def __init__(self, source: Path):
-        self.source = source
-        self.zip: zipfile.ZipFile | None = None
-        if source.is_file():
-            try:
-                self.zip = zipfile.ZipFile(source)
-            except zipfile.BadZipFile as e:
-                raise DataError(f"{source} is not a readable zip ({e}): pass an ImageFolder directory or zip") from e
-            names = [i.filename for i in self.zip.infolist()]  # folders end with "/"
-        else:
-            names = []
-            for root, dirs, files in os.walk(source):
-                rel = os.path.relpath(root, source).replace(os.sep, "/")
-                rel = "" if rel == "." else rel + "/"
-                names += [f"{rel}{d}/" for d in dirs] + [f"{rel}{f}" for f in files]
-        for n in names:
-            p = PurePosixPath(n)
-            if p.is_absolute() or ".." in p.parts:
-                raise DataError(f"{source} contains the unsafe member name {n!r}: refusing to read it")
-        self.names = sorted(names)
-
-    def read(self, name: str) -> bytes:
-        """The bytes of member ``name``; a damaged archive (bad CRC, truncated) or unreadable file is a
-        ``DataError``."""
-        try:
-            if self.zip is not None:
-                return self.zip.read(name)
-            return (self.source / name).read_bytes()
-        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
-            raise DataError(f"cannot read {name} from {self.source} ({first_line(e)}): the copy is damaged; "
-                            "copy or download it again") from e
-
-
-def _find_root(names: list[str], source: Path) -> str:
-    """The prefix (``''`` or ``'dir/'``) under which both ``train/`` and ``test/`` live."""
-    candidates = {""} | {n.split("/", 1)[0] + "/" for n in names if "/" in n}
-    for prefix in sorted(candidates, key=len):
-        if all(any(n.startswith(f"{prefix}{s}/") for n in names) for s in SPLITS):
-            return prefix
-    raise DataError(
-        f"{source} has no train/ and test/ folders: expected <root>/{{train,test}}/<class>/*.png|jpg"
-    )
-
-
-def _read_image_folder(source: Path, name: str, progress: bool) -> dict[str, np.ndarray]:
-    files = _Files(source)
-    root = _find_root(files.names, source)
-    per_split: dict[str, dict[str, list[str]]] = {}
-    for s in SPLITS:
-        classes: dict[str, list[str]] = {}
-        prefix = f"{root}{s}/"
-        for n in files.names:
-            if not n.startswith(prefix):
-                continue
-            parts = n[len(prefix):].split("/")
-            if len(parts) == 2 and parts[0]:  # "<class>/<file>" or the folder "<class>/" itself
-                images = classes.setdefault(parts[0], [])
-                if parts[1].lower().endswith(IMAGE_SUFFIXES):
-                    images.append(n)
-        per_split[s] = classes
-        empty = sorted(c for c, images in classes.items() if not images)
-        if empty and len(empty) < len(classes):  # all empty: "split is empty" below says it better
-            raise DataError(f"class folder(s) {empty} under {root}{s}/ in {source} hold no images: add their "
-                            f"images, or remove the folders from both splits")
-    train_classes, test_classes = set(per_split["train"]), set(per_split["test"])
-    if not train_classes and not test_classes:
-        raise DataError(f"{source}: no images under {root}train/<class>/ or {root}test/<class>/")
-    if train_classes != test_classes:
-        only_train = sorted(train_classes - test_classes)
-        only_test = sorted(test_classes - train_classes)
-        raise DataError(
-            f"class folders differ between splits in {source}: only in train {only_train}, "
-            f"only in test {only_test}; make both splits hold the same class folders"
-        )
-    class_names = tuple(sorted(train_classes))
-    if name == "cifar10" and set(class_names) == set(CIFAR10_CLASSES):
-        class_names = CIFAR10_CLASSES
-    total = sum(len(v) for d in per_split.values() for v in d.values())
-    arrays: dict[str, np.ndarray] = {"class_names": np.array(class_names)}
-    with tqdm(total=total, desc=f"decoding {source.name}", unit="img", disable=not progress) as bar:
-        for s in SPLITS:
-            images, labels = [], []
-            for label, cls in enumerate(class_names):
-                for n in per_split[s][cls]:
-                    images.append(_decode(files.read(n), n, source))
-                    labels.append(label)
-                    bar.update()
-            if not images:
-                raise DataError(f"split {s!r} of {source} is empty: add images under {s}/<class>/")
-            arrays[f"{s}_images"] = np.stack(images)
-            arrays[f"{s}_labels"] = np.asarray(labels, np.int32)
-    return arrays
-
-
-def _decode(data: bytes, member: str, source: Path) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            img = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except Exception as e:  # PIL raises several types for damaged files
-        raise DataError(f"cannot decode image {member} in {source} ({e}): replace or delete that file") from e
-    if img.shape != IMAGE_SHAPE:
-        raise DataError(f"image {member} in {source} is {img.shape[0]}x{img.shape[1]} (height x width), CIFAR "
-                        f"images are 32x32: resize it or remove it")
-    return img
-
-
 # ----------------------------------------------------------------------------------------------- tfds
 
 
 def _import_tfds():
     """Import tfds lazily (TensorFlow takes seconds) and hide every GPU from TensorFlow, so that it
-    never grabs memory that JAX needs."""
-    import tensorflow as tf
+    never grabs memory that JAX needs. Without TensorFlow (an install without the ``tfds`` extra), a one-line
+    ``DataError`` saying how to get it."""
+    try:
+        import tensorflow as tf
+    except ImportError as e:
+        raise DataError(f"tfds needs TensorFlow, which is not installed ({first_line(e)}): pip install -e "
+                        "'.[tfds]' (or use the generated corruptions / the binary archive)") from e
 
     tf.config.set_visible_devices([], "GPU")
     import tensorflow_datasets as tfds

@@ -121,21 +121,23 @@ def fit(
     if built_in_only and tx is not None:
         raise ConfigError(f"resume allowing {built_in_only} needs the built-in optimizer (it injects the learning "
                           "rate and weight decay); with your own tx allow 'tx' and pass the changed tx instead")
-    data = _prepared(dataset, config, per_run_split=runs is not None and config.split_per_run)
-    validate_config(config, train_size=data.train_size)
-    plan = make_plan(config, len(run_list), runs is not None, data.train_size)
+    setup = CompileClock()  # the data's and the step functions' start-up, counted with the groups' own
+    with setup:  # splitting and the channel statistics run small programs on the device
+        data = _prepared(dataset, config, per_run_split=runs is not None and config.split_per_run)
+        validate_config(config, train_size=data.train_size)
+        plan = make_plan(config, len(run_list), runs is not None, data.train_size)
+        data = _placed(data, plan)
     fallback = cuda_fallback(plan.backend)
     if fallback:
         warn(f"{fallback} is installed but JAX runs on the CPU (is the driver too old for it?), so training takes "
              "the CPU defaults: JAX_PLATFORMS=cuda shows why, --require-gpu (require_accelerator()) stops instead")
-    data = _placed(data, plan)
     key = program_key(config, data, plan, components)
     writers = [*callbacks, *_writers(log_dir or checkpoint_dir, tensorboard)]
     results: list[FitResult] = []
     # one lock per job: in a multi-host job every process writes into the same directory, with Orbax's coordination
     locked = checkpoint_dir is not None and jax.process_index() == 0
     with DirectoryLock(checkpoint_dir) if locked else contextlib.nullcontext():
-        with CompileClock() as setup:  # counted into the start-up figures with the groups' own
+        with setup:
             steps = PROGRAMS.get(("steps", key), lambda: build(config, data, plan.data_mesh, components))
             size = (plan.group_size or (resume is not False and _saved_group_size(checkpoint_dir, plan.n_runs))
                     or _group_size_that_fits(config, data, steps, plan, key, run_list))
