@@ -173,7 +173,7 @@ def assert_matches_own_run_only(swept_losses, single_losses, rtol: float = VMAP_
         assert all(gap > 3 * rtol for gap in others), (k, others, rtol)
 
 
-def sweep_matches_single_runs(swept, config, data, runs, param_rtol: float = 2e-2) -> None:
+def sweep_matches_single_runs(swept, config, data, runs, param_rtol: float = 2e-2, **fit_options) -> None:
     """Each run of the ``fit(config, data, runs=runs)`` result ``swept`` has its single run's training losses and
     no other run's (:func:`assert_matches_own_run_only`), and its parameters: each leaf's relative distance below
     ``param_rtol`` (~1e-3 for kernels; biases start at 0, so theirs is relative to the updates themselves)."""
@@ -182,7 +182,7 @@ def sweep_matches_single_runs(swept, config, data, runs, param_rtol: float = 2e-
 
     from jaxcifar.train import fit, unstack_state
 
-    singles = [fit(config.replace(**run), data, progress=False) for run in runs]
+    singles = [fit(config.replace(**run), data, progress=False, **fit_options) for run in runs]
     assert_matches_own_run_only([h["train_loss"] for h in swept.histories], [s.history["train_loss"] for s in singles])
     for k, single in enumerate(singles):
         pairs = zip(jax.tree.leaves(unstack_state(swept.state, k).params), jax.tree.leaves(single.state.params),

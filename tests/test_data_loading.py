@@ -127,6 +127,7 @@ def test_wrong_class_count_for_dataset(folder, tmp_path, monkeypatch):
         _load(folder[0], tmp_path / "cache")
 
 
+@pytest.mark.tfds
 def test_tfds_cifar100_path_with_mock_data(tmp_path, monkeypatch):
     """The tfds code path, offline: tfds.testing.mock_data generates examples from the dataset's specs."""
     import tensorflow_datasets as tfds
@@ -143,6 +144,7 @@ def test_tfds_cifar100_path_with_mock_data(tmp_path, monkeypatch):
     assert ds.train.labels.max() < 100 and ds.train.coarse_labels.max() < 20
 
 
+@pytest.mark.tfds
 def test_tfds_offline_failure_is_clear(tmp_path):
     """From Python the fix names the function's argument; the experiments print the flag (``cli``)."""
     with pytest.raises(DataError, match=r"pass load_cifar\(name, path=PATH\)") as e:
@@ -151,6 +153,7 @@ def test_tfds_offline_failure_is_clear(tmp_path):
     assert "--data" not in str(e.value) and "pass --data PATH" in e.value.cli
 
 
+@pytest.mark.tfds
 def test_tfds_download_offline_fails_fast_with_the_fix(tmp_path, monkeypatch):
     """Without a network tfds would retry the download for minutes; the loader checks the host first."""
     import socket

@@ -154,6 +154,7 @@ def test_bad_corruption_requests_are_clear_errors():
         C.corrupt(_images().astype(np.float32), "contrast", 1, KEY)
 
 
+@pytest.mark.tfds
 def test_tfds_corruptions_offline_fail_fast_with_the_fix(tmp_path, monkeypatch):
     import socket
 

@@ -2,10 +2,14 @@
 
 The protocol each piece follows (checked before anything compiles, with an error that names the fix):
 
-* ``model``: a ``flax.linen.Module`` instance whose ``__call__(x, train: bool)`` maps normalized float images
-  [N, 32, 32, 3] to logits [N, num_classes]. ``train`` switches dropout and batch norm; batch-norm statistics
-  live in the ``batch_stats`` collection (``nn.BatchNorm(use_running_average=not train)``), dropout draws from
-  the ``dropout`` RNG. To let ``fit`` set the dropout rate (``config.dropout_rate``, a run axis over
+* ``model``: a ``flax.linen.Module`` instance, or a Flax NNX module's constructor (the class, a partial or a
+  function taking ``rngs``; :mod:`~jaxcifar.train.nnx_model`), whose ``__call__(x, train: bool)`` maps
+  normalized float images [N, 32, 32, 3] to logits [N, num_classes]. ``fit`` always passes ``train``; a
+  ``__call__(*args, **kwargs)`` (a wrapper such as ``nnx.bridge.to_linen``) is traced to see what it takes.
+  ``train`` switches dropout and batch norm; batch-norm statistics live in the ``batch_stats`` collection
+  (``nn.BatchNorm(use_running_average=not train)``; NNX: ``nnx.BatchNorm`` keeps them as ``nnx.BatchStat``),
+  dropout draws from the ``dropout`` RNG (NNX: the module's RNG streams, reseeded every step); an NNX module
+  keeps no other state. To let ``fit`` set the dropout rate (``config.dropout_rate``, a run axis over
   ``dropout_rate``), ``__call__`` takes an optional ``dropout_rate`` argument; otherwise the module's own
   fields decide it. Name the classifier submodule ``head`` to fine-tune with ``body=``.
 * ``tx``: an ``optax.GradientTransformation``, or a factory ``(config, steps_per_epoch) -> tx`` that reads
@@ -37,6 +41,7 @@ import optax
 from jaxcifar.errors import ConfigError
 from jaxcifar.train.config import TrainConfig
 from jaxcifar.train.fingerprint import fingerprint
+from jaxcifar.train.nnx_model import NnxModel, nnx_model
 
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 MetricsFn = Callable[[jax.Array, jax.Array], dict[str, jax.Array]]
@@ -54,10 +59,13 @@ RESERVED_METRICS = ("loss", "accuracy")
 class Components:
     """A user's pieces for ``fit`` (None: the config's named one). See the module docstring for the protocol."""
 
-    model: nn.Module | None = None
+    model: nn.Module | NnxModel | None = None
     tx: optax.GradientTransformation | TxFactory | None = None
     loss_fn: LossFn | None = None
     metrics_fn: MetricsFn | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model", as_model(self.model))  # an NNX constructor behind fit's two calls
 
     def identity(self) -> tuple:
         """What the compiled programs depend on: the module (its class and fields) and the other objects."""
@@ -96,6 +104,12 @@ def recorded_config(config: TrainConfig, components: Components) -> dict[str, An
     return d
 
 
+def as_model(model: Any) -> Any:
+    """``model`` as ``fit`` calls it: an NNX module class or constructor wrapped in
+    :class:`~jaxcifar.train.nnx_model.NnxModel`, anything else unchanged."""
+    return nnx_model(model) or model
+
+
 def label(obj: Any) -> str | None:
     """``module.qualname`` of a function, class or module instance (of the wrapped function for a partial, of
     the ``init`` function for an optax transformation)."""
@@ -105,6 +119,8 @@ def label(obj: Any) -> str | None:
         return label(obj.func)
     if _is_transformation(obj):
         return label(obj.init)
+    if isinstance(obj, NnxModel):
+        return label(obj.make)
     target = obj if inspect.isfunction(obj) or inspect.isclass(obj) or inspect.ismethod(obj) else type(obj)
     return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', type(target).__name__)}"
 
@@ -159,9 +175,9 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _call_parameters(model: nn.Module) -> tuple[set[str], bool]:
-    """The names ``model.__call__`` takes, and whether it takes ``**kwargs`` too."""
-    params = inspect.signature(type(model).__call__).parameters
+def _call_parameters(model: nn.Module | NnxModel) -> tuple[set[str], bool]:
+    """The names the module's ``__call__`` takes, and whether it takes ``**kwargs`` too."""
+    params = inspect.signature(_module_type(model).__call__).parameters
     return set(params), any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
@@ -175,19 +191,30 @@ def takes_dropout_rate(model: nn.Module) -> bool:
         return False
     x = jnp.zeros((1, 32, 32, 3))
     try:
-        jax.eval_shape(lambda: model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x,
-                                          train=False, dropout_rate=0.0))
+        jax.eval_shape(lambda: model.apply(model.init(_init_keys(), x, train=False), x, train=False,
+                                           dropout_rate=0.0))
     except TypeError:
         return False
     return True
+
+
+def _init_keys() -> dict[str, jax.Array]:
+    """The RNGs a traced ``init`` takes (built inside the trace)."""
+    return {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+
+
+def _module_type(model: nn.Module | NnxModel) -> type:
+    """The user's module class (an NNX module's, behind its constructor)."""
+    return model.module_type if isinstance(model, NnxModel) else type(model)
 
 
 def _check_model_object(model: Any, config: TrainConfig, dropout_varies: bool) -> None:
     if inspect.isclass(model):
         raise ConfigError(f"model must be a module instance, got the class {model.__name__}: pass "
                           f"{model.__name__}(...)")
-    _require(isinstance(model, nn.Module), f"model must be a flax.linen.Module instance, got {type(model).__name__}")
-    name = type(model).__name__
+    _require(isinstance(model, nn.Module | NnxModel), f"model must be a flax.linen.Module instance or an NNX module "
+             f"constructor (a class or function taking rngs), got {type(model).__name__}")
+    name = _module_type(model).__name__
     names, var_keyword = _call_parameters(model)
     # behind **kwargs, tracing (check_model_outputs) tells whether `train` is taken
     _require("train" in names or var_keyword, f"{name}.__call__ must take `train: bool` (dropout and batch-norm "
@@ -214,11 +241,10 @@ def _check_tx(tx: Any, config: TrainConfig) -> None:
 def check_model_outputs(model: nn.Module, num_classes: int, dtype: Any) -> None:
     """Trace (no compilation) ``model`` on one image: it must return logits [1, num_classes] and keep no
     variable collections but ``params`` and ``batch_stats``."""
-    name = type(model).__name__
+    name = _module_type(model).__name__
     x = jnp.zeros((1, 32, 32, 3), dtype)
     try:
-        variables = jax.eval_shape(lambda: model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)},
-                                                      x, train=False))
+        variables = jax.eval_shape(lambda: model.init(_init_keys(), x, train=False))
         logits = jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{name} fails on a batch of 32x32x3 images called with train=False "

@@ -16,7 +16,7 @@ from jaxcifar.errors import CheckpointError
 from jaxcifar.models import MODELS
 from jaxcifar.train import checkpoint as ckpt
 from jaxcifar.train.checkpoint import saved_config
-from jaxcifar.train.components import Components
+from jaxcifar.train.components import Components, as_model
 from jaxcifar.train.config import TrainConfig
 from jaxcifar.train.loop import FitResult
 from jaxcifar.train.runs import concat_runs
@@ -155,6 +155,7 @@ def _check_loadable(config: TrainConfig, meta: dict[str, Any], directory: Path, 
                     ema: bool) -> None:
     """Clear errors for a checkpoint that needs the user's module, or that has no moving average."""
     recorded = (meta.get("components") or {}).get("model_repr")
+    model = as_model(model)
     if model is None and config.model not in MODELS:
         raise CheckpointError(f"{directory} was trained with the model {config.model.removeprefix('custom:')}: pass "
                               "load_trained(dir, model=<that module>), or register it with register_model")
