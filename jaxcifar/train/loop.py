@@ -84,7 +84,7 @@ def fit(
     progress: bool = True,
     on_epoch_end: EpochHookFn | None = None,
     body: dict[str, Any] | None = None,
-    model: nn.Module | None = None,
+    model: nn.Module | Callable[..., Any] | None = None,
     tx: optax.GradientTransformation | TxFactory | None = None,
     loss_fn: LossFn | None = None,
     metrics_fn: MetricsFn | None = None,
@@ -96,7 +96,8 @@ def fit(
     train them all at once in one compiled program (``config.run_strategy``), ``config.runs_per_chunk`` runs
     at a time (default: as many as fit in memory).
 
-    Your own pieces replace the config's named ones: ``model`` (a Flax module), ``tx`` (an optax
+    Your own pieces replace the config's named ones: ``model`` (a Linen module, or an NNX module's
+    constructor), ``tx`` (an optax
     transformation or a factory ``(config, steps_per_epoch) -> tx``), ``loss_fn(logits, labels)`` (per-example)
     and ``metrics_fn(logits, labels)`` (extra per-example metrics, kept in the histories); the protocol is in
     :mod:`jaxcifar.train.components`.
