@@ -140,8 +140,9 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tiny, tmp_path):
     # Epoch 1 trains normally; the step schedule multiplies the lr by 1e30 from epoch 2 on.
     cfg = FAST.replace(epochs=3, schedule="step", step_epochs=(1,), step_factor=1e30)
     ck = tmp_path / "ck"
-    with pytest.raises(TrainingError, match="NaN/inf in epoch 2: the last good checkpoint is epoch 1 in .*allow-"):
+    with pytest.raises(TrainingError, match="NaN/inf in epoch 2: the last good checkpoint is epoch 1 in .*allow_") as e:
         fit(cfg, tiny, checkpoint_dir=str(ck), progress=False)
+    assert "--allow-config-change learning_rate,grad_clip_norm" in e.value.cli  # the experiments' wording
     data = prepare_data(tiny, cfg)
     fns = build(cfg, data)
     restored, meta = restore(ck, init_state(cfg, fns), "latest")

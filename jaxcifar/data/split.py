@@ -18,7 +18,8 @@ def validation_count(num_examples: int, val: int | float) -> int:
     else:
         count = int(val)
     if not 0 <= count < num_examples:
-        raise ConfigError(f"validation size {count} must be in [0, {num_examples}): lower --val-size")
+        problem = f"validation size {count} must be in [0, {num_examples}): lower "
+        raise ConfigError(problem + "val_size", cli=problem + "--val-size")
     return count
 
 

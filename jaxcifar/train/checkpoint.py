@@ -243,8 +243,9 @@ def restore_usable(directory: str | Path, target: Callable[[dict[str, Any], int]
             warn(f"damaged checkpoint {directory}/{bad} moved to {set_aside(directory, bad, 'damaged')}")
         return Restored(state, meta, step)
     if skipped:
-        raise CheckpointError(f"no usable checkpoint in {directory} (all {len(skipped)} damaged, see above): move "
-                              "them away to start over, or pass --no-resume (fit: resume=False)")
+        problem = f"no usable checkpoint in {directory} (all {len(skipped)} damaged, see above): move them away to "
+        raise CheckpointError(problem + "start over, or pass resume=False",
+                              cli=problem + "start over, or pass --no-resume")
     return None
 
 

@@ -124,9 +124,9 @@ def _callable_label(fn: Any) -> str:
     return f"<function {getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}>"
 
 
-def _check(ok: bool, message: str) -> None:
+def _check(ok: bool, message: str, cli: str | None = None) -> None:
     if not ok:
-        raise ConfigError(message)
+        raise ConfigError(message, cli=cli)
 
 
 def validate_config(c: TrainConfig, train_size: int | None = None) -> None:
@@ -161,8 +161,8 @@ def validate_config(c: TrainConfig, train_size: int | None = None) -> None:
     for name in ("seed", "split_seed"):
         value = getattr(c, name)
         _check(value is None or valid_seed(value), f"{name} {value!r} must be an integer in [0, 2**32): e.g. 0")
-    _check(valid_val_size(c.val_size), f"val_size {c.val_size!r} must be a count (0, 1000, ...) or a fraction "
-           "in (0, 1): e.g. --val-size 5000 or 0.1")
+    problem = f"val_size {c.val_size!r} must be a count (0, 1000, ...) or a fraction in (0, 1): e.g. "
+    _check(valid_val_size(c.val_size), problem + "val_size=5000 or 0.1", cli=problem + "--val-size 5000 or 0.1")
     _check(0.0 <= c.label_smoothing < 1.0, f"label smoothing {c.label_smoothing} must be in [0, 1)")
     _check(c.grad_clip_norm is None or c.grad_clip_norm > 0, "grad_clip_norm must be > 0 or None")
     _check(c.epochs >= 1, f"epochs {c.epochs} must be >= 1")
@@ -189,8 +189,8 @@ def validate_config(c: TrainConfig, train_size: int | None = None) -> None:
     for item in c.augment:
         _check_augment_item(item)
     if train_size is not None:
-        _check(c.batch_size <= train_size,
-               f"batch size {c.batch_size} is larger than the training split ({train_size}): lower --batch-size")
+        problem = f"batch size {c.batch_size} is larger than the training split ({train_size}): lower "
+        _check(c.batch_size <= train_size, problem + "batch_size", cli=problem + "--batch-size")
 
 
 def _is_int(x: Any) -> bool:

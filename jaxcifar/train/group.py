@@ -98,27 +98,32 @@ class Group:
         diverged_at = np.asarray(jax.device_get(state.diverged_at)).reshape(len(self.runs))
         newly = [r for r in range(len(self.runs)) if diverged_at[r] == epoch]
         if newly and not self.meta["run_axis"]:
-            raise TrainingError(f"the loss became NaN/inf in epoch {epoch}: {self._how_to_go_on(saver)}")
+            fix, cli = self._how_to_go_on(saver)
+            problem = f"the loss became NaN/inf in epoch {epoch}: "
+            raise TrainingError(problem + fix, cli=problem + cli)
         for r in newly:
             if progress:
                 tqdm.write(f"run {self.run_ids[r]} {self.runs[r]} diverged (NaN/inf) in epoch {epoch}: its weights "
                            "get no further updates; the other runs go on")
         return diverged_at > 0
 
-    def _how_to_go_on(self, saver: Saver | None) -> str:
-        """The advice after a single run diverged: continue from its last checkpoint (finished first: it may
-        still be saving) with a lower learning rate or gradient clipping, or start over with them when it has
-        none."""
+    def _how_to_go_on(self, saver: Saver | None) -> tuple[str, str]:
+        """The advice after a single run diverged, for the library and for the command line: continue from its
+        last checkpoint (finished first: it may still be saving) with a lower learning rate or gradient
+        clipping, or start over with them when it has none."""
         last = None
         if saver is not None:
             saver.finish()
             last = saver.manager.latest_step()
         if last is None:
-            return ("no checkpoint was saved before it; lower the learning rate or set grad_clip_norm and start "
-                    "over (--set learning_rate=... / --set grad_clip_norm=1)")
-        return (f"the last good checkpoint is epoch {last} in {self.checkpoint_dir}; go on from it with a lower "
-                "learning rate or gradient clipping: rerun with --allow-config-change learning_rate,grad_clip_norm "
-                "--set learning_rate=... (fit: resume=ResumeFrom(allow_changes=(...)))")
+            advice = "no checkpoint was saved before it; lower the learning rate or set grad_clip_norm and start over"
+            return f"{advice} (config.replace(learning_rate=..., grad_clip_norm=1.0))", \
+                f"{advice} (--set learning_rate=... / --set grad_clip_norm=1)"
+        advice = (f"the last good checkpoint is epoch {last} in {self.checkpoint_dir}; go on from it with a lower "
+                  "learning rate or gradient clipping: ")
+        return (advice + "fit(config.replace(learning_rate=...), ..., resume=ResumeFrom(allow_changes="
+                "('learning_rate', 'grad_clip_norm')))", advice + "rerun with --allow-config-change "
+                "learning_rate,grad_clip_norm --set learning_rate=...")
 
     def selection_metrics(self, histories: list[dict[str, Any]]) -> dict[str, float]:
         """The checkpoint's selection metric, named for what it is: the mean over runs of the last epoch's

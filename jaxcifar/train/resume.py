@@ -147,8 +147,9 @@ def restore_group(g: Group, resume: bool | ResumeFrom, progress: bool
         state = _shaped_like_checkpoint(g, saved["config"])
         recorded = saved.get("opt_state")  # absent in checkpoints written before it was recorded
         if recorded is not None and recorded != tree_signature(state.opt_state):
-            raise ConfigError(f"the optimizer state in {g.checkpoint_dir} is not this optimizer's (its structure "
-                              "differs): start over with resume=False (--no-resume) or use a new directory")
+            problem = f"the optimizer state in {g.checkpoint_dir} is not this optimizer's (its structure differs): "
+            raise ConfigError(problem + "start over with resume=False or use a new directory",
+                              cli=problem + "start over with --no-resume or use a new --out")
         return state
 
     found = ckpt.restore_usable(g.checkpoint_dir, target, how.epoch)
@@ -218,8 +219,8 @@ def _with_changes(g: Group, state: TrainState, changes: dict[str, list[Any]]) ->
     fresh = g.initial.opt_state
     leaves, fresh_leaves = jax.tree.leaves(state.opt_state), jax.tree.leaves(fresh)
     if [x.shape for x in leaves] != [x.shape for x in fresh_leaves]:
-        raise CheckpointError(f"the optimizer state in {g.checkpoint_dir} does not carry over to the changed "
-                              f"config {sorted(changes)}: start over with --no-resume")
+        problem = f"the optimizer state in {g.checkpoint_dir} does not carry over to the changed config {list(changes)}"
+        raise CheckpointError(f"{problem}: start over with resume=False", cli=f"{problem}: start over with --no-resume")
     placed = [jax.device_put(x, f.sharding) for x, f in zip(leaves, fresh_leaves, strict=True)]
     opt_state = jax.tree.unflatten(jax.tree.structure(fresh), placed)
     injected = {k: fresh.hyperparams[k] for k in changes if k in HYPERPARAMS}
