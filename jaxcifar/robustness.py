@@ -121,27 +121,26 @@ def tfds_corruptions(data_dir: str | None = None) -> CorruptedSet:
 
 
 def corruption_accuracy(predict: Predictor, corrupted: CorruptedSet, names: Sequence[str],
-                        severities: Sequence[int], progress: bool = True,
-                        groups: Sequence[Sequence[int]] | None = None) -> list[dict[str, Any]]:
+                        severities: Sequence[int], groups: Sequence[list[int]],
+                        progress: bool = True) -> list[dict[str, Any]]:
     """Accuracy of each model and of their ensemble on every ``corrupted(name, severity)`` set, for each group
-    of models in ``groups`` (default: all K in one): ``[{"cells": {name: {severity: {"accuracy": [k],
-    "ensemble_accuracy": a}}}, "mean_accuracy": [k] (each model's mean over all cells), "statistics": mean +- std
-    of that over models}]``. Each set is corrupted and predicted once for all groups."""
+    of models in ``groups`` (lists of model indices, e.g. the variants): ``[{"cells": {name: {severity:
+    {"accuracy": [k], "ensemble_accuracy": a}}}, "mean_accuracy": [k] (each model's mean over all cells),
+    "statistics": mean +- std of that over models}]``. Each set is corrupted and predicted once for all groups."""
     todo = [(n, s) for n in names for s in severities]
     accuracies, ensembles = [], []  # per cell: [K]; per cell: [groups]
     for name, severity in tqdm(todo, desc="corruptions", disable=not progress, leave=False):
         test = corrupted(name, severity)
         probs = predict(test.images)
-        groups = groups or [range(len(probs))]
         accuracies.append((probs.argmax(-1) == test.labels).mean(-1))
-        ensembles.append([float((probs[list(g)].mean(0).argmax(-1) == test.labels).mean()) for g in groups])
+        ensembles.append([float((probs[g].mean(0).argmax(-1) == test.labels).mean()) for g in groups])
     out = []
-    for j, g in enumerate(groups or []):
+    for j, g in enumerate(groups):
         cells: dict[str, dict[str, Any]] = {}
         for (name, severity), accuracy, ensemble in zip(todo, accuracies, ensembles, strict=True):
-            cells.setdefault(name, {})[str(severity)] = {"accuracy": accuracy[list(g)].tolist(),
+            cells.setdefault(name, {})[str(severity)] = {"accuracy": accuracy[g].tolist(),
                                                         "ensemble_accuracy": ensemble[j]}
-        mean = np.mean([a[list(g)] for a in accuracies], axis=0)
+        mean = np.mean([a[g] for a in accuracies], axis=0)
         out.append({"cells": cells, "mean_accuracy": mean.tolist(), "statistics": seed_statistics(mean.tolist())})
     return out
 
@@ -197,7 +196,7 @@ def evaluate_robustness(result: FitResult, test: Split, *, corruptions: Sequence
             source = "generated on the device with the CIFAR-10-C parameters (jaxcifar.data.corruptions)"
             subset = _subset(test, corruption_images, key)
             corrupted, images = generated_corruptions(subset, key), len(subset)
-        found = corruption_accuracy(predict, corrupted, names, severities, progress, [runs for _, runs in groups])
+        found = corruption_accuracy(predict, corrupted, names, severities, [runs for _, runs in groups], progress)
         for part, figures in zip(parts, found, strict=True):
             part["corruptions"] = {**figures, "severities": list(severities), "images": images, "source": source}
     out = {"weights": weights, "ece_bins": bins}
