@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -232,8 +231,8 @@ def _saved_group_size(checkpoint_dir: str | None, n_runs: int) -> int | None:
         return None
     if any(p.name.isdigit() for p in directory.iterdir()):
         return n_runs
-    first = re.fullmatch(r"runs_0000-(\d{4})", " ".join(p.name for p in directory.glob("runs_0000-*")))
-    return int(first.group(1)) + 1 if first else None
+    first = sorted(directory.glob("runs_0000-[0-9][0-9][0-9][0-9]"))
+    return int(first[0].name[-4:]) + 1 if first else None
 
 
 def _group_dir(checkpoint_dir: str | None, members: range, n_runs: int, size: int) -> str | None:

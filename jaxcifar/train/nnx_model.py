@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxcifar.errors import ConfigError
+from jaxcifar.train.fingerprint import fingerprint
 
 Constructor = Callable[[nnx.Rngs], nnx.Module]
 
@@ -35,9 +36,11 @@ class NnxModel:
 
     def __init__(self, make: Constructor) -> None:
         self.make = make
+        abstract = self._abstract()
         # the module's graph definition (structure, layer types and settings; no arrays) when wrapped: a
         # constructor that reads a changed global builds another graph, hence another program
-        self.graph = nnx.split(self._abstract())[0]
+        self.graph = nnx.split(abstract)[0]
+        self.module_type = type(abstract)  # the class of the module the constructor builds
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, NnxModel) and other.make is self.make and other.graph == self.graph
@@ -46,15 +49,8 @@ class NnxModel:
         return hash((NnxModel, id(self.make), self.graph))
 
     def __repr__(self) -> str:
-        from jaxcifar.train.fingerprint import fingerprint
-
         name = getattr(self.make, "__qualname__", type(self.make).__name__)
         return f"NnxModel({name}, {fingerprint(self.make)})"
-
-    @property
-    def module_type(self) -> type:
-        """The class of the module the constructor builds (traced, no arrays)."""
-        return type(self._abstract())
 
     def init(self, rngs: dict[str, jax.Array], x: jax.Array, train: bool = False, **_: Any) -> dict[str, Any]:
         """Fresh ``{"params", "batch_stats"}`` from ``rngs["params"]`` (and ``rngs["dropout"]``)."""
