@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
+import json
 import os
 import shutil
 import tempfile
@@ -107,6 +109,20 @@ def steps_on_one_batch(config, dataset, steps: int = 8):
         state, m = step(state, batch, jax.random.key(i))
         losses.append(float(m["loss"]))
     return fns, state, losses
+
+
+def once_per_session(tmp_path_factory, name: str, compute):
+    """``compute()`` (JSON-able) once per test session, however many xdist workers need it: the first to ask
+    computes it under a file lock in the session's shared temporary directory, the others read its JSON. (A
+    module-scoped fixture runs once per worker whose tests use it.)"""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the workers' common directory
+    path = root / f"{name}.json"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            path.write_text(json.dumps(compute()))
+        return json.loads(path.read_text())
 
 
 REAL_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_jpeg.zip"

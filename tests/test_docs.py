@@ -27,7 +27,7 @@ def test_research_walkthrough_runs_as_written(tmp_path, monkeypatch):
     blocks = python_blocks(DOCS / "research.md")
     assert len(blocks) >= 8
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(jaxcifar.data, "load_cifar", lambda name, *a, **k: synthetic_cifar(2400, 600, seed=0))
+    monkeypatch.setattr(jaxcifar.data, "load_cifar", lambda name, *a, **k: synthetic_cifar(1200, 300, seed=0))
     module = types.ModuleType("research_md")  # a real module, as a notebook's __main__ (Flax looks classes up)
     monkeypatch.setitem(sys.modules, module.__name__, module)
     namespace = module.__dict__

@@ -75,7 +75,7 @@ def test_muon_update_is_near_orthogonal(shape):
 
 def speedrun_params(widths=(8, 16, 16)) -> dict:
     net = SpeedrunNet(widths=widths)
-    return net.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    return jax.jit(net.init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"]  # one compile, not one per op
 
 
 def test_muon_recipe_groups_cover_every_parameter_exactly_once():
@@ -149,18 +149,20 @@ def test_muon_sweep_on_gpu_defaults_matches_single_runs_and_resumes_exactly(tiny
     state holds optax's masked nodes). Gentler rates than the recipe's: at its own (bias lr 106, Muon 0.24) 21
     steps on 448 noisy images are chaotic, and the float-level difference of a vmapped program (1e-6 after the
     first epoch) grows to 3 % of the loss by the third; here it stays below 1e-3 (conftest.VMAP_LOSS_RTOL)."""
-    config = configs.speedrun_muon(epochs=3, batch_size=64, eval_batch_size=128, loop="scan", run_strategy="vmap",
-                                   learning_rate=20.0, muon_learning_rate=0.05, log_every=4,
+    # 256 images, 2 epochs of 4 steps: a vmapped program runs grouped convolutions, slow on XLA:CPU
+    data = tiny.subset(n_train=256, n_test=64)
+    config = configs.speedrun_muon(epochs=2, batch_size=64, eval_batch_size=128, loop="scan", run_strategy="vmap",
+                                   learning_rate=20.0, muon_learning_rate=0.05, log_every=2,
                                    model_kwargs={"logit_scale": 3**0.5 / 16, "widths": (8, 16, 16)})
     runs = [{"seed": 0}, {"seed": 1}]
-    swept = fit(config, tiny, runs=runs, progress=False)
+    swept = fit(config, data, runs=runs, progress=False)
     assert (swept.meta["loop"], swept.meta["run_strategy"]) == ("scan", "vmap")
     for k in range(len(runs)):
         losses = swept.histories[k]["train_loss"]
         assert losses[-1] < losses[0]
-    sweep_matches_single_runs(swept, config, tiny, runs)
-    interrupt_after(config, tiny, tmp_path / "ck", 2, runs=runs)
-    resumed = fit(config, tiny, runs=runs, checkpoint_dir=str(tmp_path / "ck"), progress=False)
+    sweep_matches_single_runs(swept, config, data, runs)
+    interrupt_after(config, data, tmp_path / "ck", 1, runs=runs)
+    resumed = fit(config, data, runs=runs, checkpoint_dir=str(tmp_path / "ck"), progress=False)
     assert strip_times(resumed.histories) == strip_times(swept.histories)  # bit for bit on CPU
     chex.assert_trees_all_equal(resumed.state.params, swept.state.params)
 

@@ -68,7 +68,12 @@ def test_an_nnx_run_resumes_exactly_loads_predicts_and_fine_tunes(tiny, tmp_path
     probabilities = trained.probabilities(tiny.test.images)
     assert probabilities.shape == (len(tiny.test), 10)
     accuracy = float((probabilities.argmax(-1) == tiny.test.labels).mean())
-    assert accuracy == pytest.approx(resumed.summary["final_test_accuracy"], abs=1e-9)
+    # The prediction program batches otherwise than the evaluation: the same probabilities up to a few roundings
+    # (~1e-6, as in test_train's load_trained check). Only an image whose two largest probabilities lie within
+    # 1e-5 (a factor 5 above that) may change its prediction, so the accuracies differ by at most those images.
+    top2 = np.sort(np.asarray(probabilities, np.float64), axis=-1)[:, -2:]
+    near_ties = int((top2[:, 1] - top2[:, 0] < 1e-5).sum())
+    assert abs(accuracy - resumed.summary["final_test_accuracy"]) <= (near_ties + 1e-6) / len(tiny.test)
     with pytest.raises(Exception, match="fields differ|another model"):
         load_trained(tmp_path / "ck", model=functools.partial(NnxCNN, width=16))
     tuned = fit(FAST.replace(epochs=1), tiny, model=model, body=trained.variables, progress=False)

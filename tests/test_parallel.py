@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import once_per_session
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,12 +63,15 @@ SCRIPT = textwrap.dedent('''
 
 @pytest.fixture(scope="module")
 def four_devices(tmp_path_factory):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    ck = tmp_path_factory.mktemp("ck") / "run"
-    r = subprocess.run([sys.executable, "-c", SCRIPT, str(ck)], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.split("RESULT", 1)[1])
+    def run() -> dict:
+        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+        ck = tmp_path_factory.mktemp("ck") / "run"
+        r = subprocess.run([sys.executable, "-c", SCRIPT, str(ck)], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads(r.stdout.split("RESULT", 1)[1])
+
+    return once_per_session(tmp_path_factory, "four_devices", run)
 
 
 def test_four_devices_match_one_device(four_devices):

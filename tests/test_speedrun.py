@@ -65,8 +65,8 @@ def test_partial_identity_passes_input_channels_through():
 def test_speedrun_net_shapes_and_data_init(num_classes):
     model = SpeedrunNet(num_classes=num_classes)
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 32, 32, 3))
-    variables = model.init(jax.random.PRNGKey(1), x)
-    assert model.apply(variables, x).shape == (4, num_classes)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(1), x)  # jitted: op by op, every op would compile
+    assert jax.jit(model.apply)(variables, x).shape == (4, num_classes)
     assert "scale" not in variables["params"]["block0_bn0"]  # batch norm without a trainable scale
     params = model.init_from_data(variables["params"], x)
     np.testing.assert_allclose(params["whiten"]["kernel"], patch_whitening_kernel(x, 2))
@@ -187,6 +187,7 @@ def test_mirror_tta_is_flip_invariant(tiny):
 
 def test_second_fit_reuses_the_compiled_program(tiny):
     config = configs.speedrun(epochs=1, batch_size=64, val_size=0, unroll=2)
+    config = config.replace(model_kwargs={**config.model_kwargs, "widths": (16, 32, 32)})  # narrow: fast on CPU
     first = fit(config, tiny, progress=False)
     programs = len(PROGRAMS)
     second = fit(config.replace(seed=1), tiny, progress=False)

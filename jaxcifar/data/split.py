@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,14 +45,27 @@ def split_indices(
     every run its own split. With ``stratified`` each class keeps its share in the validation set.
     """
     labels = np.asarray(labels)
-    n = len(labels)
-    count = validation_count(n, val)
-    perm = jax.random.permutation(key, n)
+    count = validation_count(len(labels), val)
     if not stratified:
-        return perm[count:].astype(jnp.int32), perm[:count].astype(jnp.int32)
+        return _shuffled_split(key, count=count, n=len(labels))
     num_classes = int(num_classes or labels.max() + 1)
-    quota = jnp.asarray(_stratified_quota(labels, count, num_classes))
-    lab = jnp.asarray(labels)
+    quota = _stratified_quota(labels, count, num_classes)
+    return _stratified_split(key, jnp.asarray(labels), jnp.asarray(quota), count=count)
+
+
+# One compiled program per split size (a dozen eager ops would each compile once per shape: seconds on CPU).
+@functools.partial(jax.jit, static_argnames=("count", "n"))
+def _shuffled_split(key: jax.Array, *, count: int, n: int) -> tuple[jax.Array, jax.Array]:
+    """The first ``count`` of a random permutation of ``range(n)`` as validation, the rest as training."""
+    perm = jax.random.permutation(key, n)
+    return perm[count:].astype(jnp.int32), perm[:count].astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("count",))
+def _stratified_split(key: jax.Array, lab: jax.Array, quota: jax.Array, *, count: int) -> tuple[jax.Array, jax.Array]:
+    """A random split with ``quota[c]`` validation examples of class ``c``, shuffled within each side."""
+    n, num_classes = lab.shape[0], quota.shape[0]
+    perm = jax.random.permutation(key, n)
     order = perm[jnp.argsort(lab[perm], stable=True)]  # grouped by class, random within class
     starts = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(jnp.bincount(lab, length=num_classes))[:-1]])
     rank = jnp.arange(n) - starts[lab[order]]

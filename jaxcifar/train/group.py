@@ -3,7 +3,6 @@ per-run figures read off its state (divergence, the selection metric, the final 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,10 +84,12 @@ class Group:
                 "environment": environment()}
         return cls(config, data, program, runs, members, state, train_index, plans, checkpoint_dir, meta)
 
-    def evaluate(self, fn: Callable, state: TrainState, split: str) -> dict[str, np.ndarray]:
-        """``fn`` (one of the program's evaluators) over ``split`` (``"val"`` or ``"test"``), per run."""
-        images, labels = self.data.val if split == "val" else self.data.test
-        out = jax.device_get(fn(state, images, labels, *self.eval_plans[split]))
+    def evaluate(self, state: TrainState, split: str, weights: str = "current") -> dict[str, np.ndarray]:
+        """``state``'s ``weights`` (``"current"``, ``"best"`` or ``"ema"``) over ``split`` (``"val"`` or
+        ``"test"``), per run."""
+        fn, (images, labels) = ((self.program.evaluate_val, self.data.val) if split == "val"
+                                else (self.program.evaluate, self.data.test))
+        out = jax.device_get(fn(state.weights(weights), images, labels, *self.eval_plans[split]))
         return {k: np.asarray(v, np.float32).reshape(len(self.runs)) for k, v in out.items()}
 
     def check_divergence(self, state: TrainState, epoch: int, saver: Saver | None, progress: bool) -> np.ndarray:
@@ -138,10 +139,10 @@ class Group:
         best_acc = np.asarray(jax.device_get(state.best_val_accuracy)).reshape(n)
         best_ep = np.asarray(jax.device_get(state.best_epoch)).reshape(n)
         last_ep = np.asarray(jax.device_get(state.epoch)).reshape(n)
-        test_final = self.evaluate(self.program.evaluate, state, "test")
+        test_final = self.evaluate(state, "test")
         same = np.array_equal(best_ep, last_ep)  # the best weights are the last ones: no second evaluation
-        test_best = test_final if same else self.evaluate(self.program.evaluate_best, state, "test")
-        test_ema = self.evaluate(self.program.evaluate_ema, state, "test") if self.has_ema else None
+        test_best = test_final if same else self.evaluate(state, "test", "best")
+        test_ema = self.evaluate(state, "test", "ema") if self.has_ema else None
         diverged_at = np.asarray(jax.device_get(state.diverged_at)).reshape(n)
         return [summary(float(best_acc[r]), int(best_ep[r]), self.has_val, run_figures(test_best, r),
                         run_figures(test_final, r), test_ema and run_figures(test_ema, r),

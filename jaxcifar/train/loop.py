@@ -289,10 +289,10 @@ def _epoch(g: Group, state: TrainState, epoch: int, histories: list[dict[str, An
     t0 = time.perf_counter()
     state, train_m = _train_epoch(g, state, epoch, progress, callbacks, histories)
     if g.has_val:
-        val = g.evaluate(g.program.evaluate_val, state, "val")
+        val = g.evaluate(state, "val")
     else:  # the selection metric falls back to the epoch's training figures
         val = {"loss": train_m["loss"].mean(-1), "accuracy": train_m["accuracy"].mean(-1)}
-    ema_val = g.evaluate(g.program.evaluate_ema_val, state, "val") if g.has_val and g.has_ema else None
+    ema_val = g.evaluate(state, "val", "ema") if g.has_val and g.has_ema else None
     # a run whose training loss went NaN/inf diverged even if its validation loss is finite: end_epoch marks it
     closing_loss = np.where(np.isfinite(train_m["loss"]).all(-1), val["loss"], np.nan)
     state = g.program.end_epoch(state, _per_run(g, closing_loss), _per_run(g, val["accuracy"]))

@@ -37,11 +37,9 @@ class EpochProgram:
       (the state is donated);
     * ``order(rng, epoch, train_index) -> (index [.., K, B], ...)``: the epoch's batches, one array per chunk
       (cut inside the program, so the epoch loop runs no eager op that would compile);
-    * ``evaluate`` / ``evaluate_val`` / ``evaluate_best(state, images, labels, index, weight) -> {loss,
-      accuracy}``: the test split with the current weights, the validation split (per-run indices when each
-      run has its own split), the test split with the best-so-far weights;
-    * ``evaluate_ema_val`` / ``evaluate_ema``: the validation and test splits with the moving average of the
-      weights (``config.ema_decay``; compiled only then);
+    * ``evaluate`` / ``evaluate_val(variables, images, labels, index, weight) -> {loss, accuracy}``: the test
+      split and the validation split (per-run indices when each run has its own split) with the given weights
+      (``state.weights("current" | "best" | "ema")``: one program serves all three, which share their shapes);
     * ``end_epoch(state, val_loss, val_accuracy) -> state`` and ``current_lr(state) -> lr``.
     """
 
@@ -49,9 +47,6 @@ class EpochProgram:
     order: Callable
     evaluate: Callable
     evaluate_val: Callable
-    evaluate_best: Callable
-    evaluate_ema_val: Callable
-    evaluate_ema: Callable
     end_epoch: Callable
     current_lr: Callable
     bounds: tuple[tuple[int, int], ...]  # (first, end) step of each chunk in an epoch
@@ -65,14 +60,11 @@ class EpochProgram:
         for length in sorted({hi - lo for lo, hi in self.bounds}):
             index = next(c for c in chunks if c.shape[-2] == length)
             self.run_chunk.lower(state, *data.train, index).compile()
-        if data.val is not None:
-            self.evaluate_val.lower(state, *data.val, *eval_plans["val"]).compile()
-        self.evaluate.lower(state, *data.test, *eval_plans["test"]).compile()
-        self.evaluate_best.lower(state, *data.test, *eval_plans["test"]).compile()
-        if state.ema != ():
+        for which in ("current", "best") if state.ema == () else ("current", "best", "ema"):
+            weights = state.weights(which)  # the same shapes: after the first, jit's cache answers
             if data.val is not None:
-                self.evaluate_ema_val.lower(state, *data.val, *eval_plans["val"]).compile()
-            self.evaluate_ema.lower(state, *data.test, *eval_plans["test"]).compile()
+                self.evaluate_val.lower(weights, *data.val, *eval_plans["val"]).compile()
+            self.evaluate.lower(weights, *data.test, *eval_plans["test"]).compile()
         per_run = jnp.zeros(() if self.n_runs is None else (self.n_runs,), jnp.float32)
         self.end_epoch.lower(state, per_run, per_run).compile()
         self.current_lr.lower(state).compile()
@@ -108,9 +100,6 @@ def build_program(config: TrainConfig, data: PreparedData, steps: StepFns, plan:
         order=jax.jit(jax.vmap(order, (0, None, 0)) if axis else order),
         evaluate=jax.jit(vm(make_evaluator(steps), (0, None, None, None, None))),
         evaluate_val=jax.jit(vm(make_evaluator(steps), (0, None, None, per_run_val, None))),
-        evaluate_best=jax.jit(vm(make_evaluator(steps, "best"), (0, None, None, None, None))),
-        evaluate_ema_val=jax.jit(vm(make_evaluator(steps, "ema"), (0, None, None, per_run_val, None))),
-        evaluate_ema=jax.jit(vm(make_evaluator(steps, "ema"), (0, None, None, None, None))),
         end_epoch=jax.jit(vm(steps.end_epoch, (0, 0, 0))),
         current_lr=jax.jit(vm(steps.current_lr, (0,))),
         bounds=bounds,

@@ -58,7 +58,13 @@ class TrainState:
 
 
 def stack_states(states: list[TrainState]) -> TrainState:
-    """Stack single-run states along a new leading run axis."""
+    """Stack single-run states along a new leading run axis (one compiled program: leaf by leaf, every
+    distinct leaf shape would compile its own stack)."""
+    return _stack(*states)
+
+
+@jax.jit
+def _stack(*states: TrainState) -> TrainState:
     return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
 
 

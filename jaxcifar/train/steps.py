@@ -261,14 +261,12 @@ def make_chunk_runner(fns: StepFns, unroll: int | bool, freeze_diverged: bool = 
     return run
 
 
-def make_evaluator(fns: StepFns, weights: str = "current") -> Callable:
-    """``evaluate(state, images, labels, index [S, B], weight [S, B]) -> {'loss', 'accuracy', extra metrics}``
-    over the whole split as one forward-only ``lax.scan`` (fast on every backend); ``weights`` is
-    ``'current'``, ``'best'`` (the best epoch's) or ``'ema'`` (the moving average)."""
+def make_evaluator(fns: StepFns) -> Callable:
+    """``evaluate(variables, images, labels, index [S, B], weight [S, B]) -> {'loss', 'accuracy', extra
+    metrics}`` over the whole split as one forward-only ``lax.scan`` (fast on every backend); ``variables`` are
+    a state's ``weights('current' | 'best' | 'ema')``."""
 
-    def evaluate(state: TrainState, images, labels, index, weight):
-        variables = state.weights(weights)
-
+    def evaluate(variables: dict[str, Any], images, labels, index, weight):
         def body(carry, xs):
             idx, w = xs
             m = fns.eval_step(variables, images[idx], labels[idx], w)
