@@ -188,7 +188,9 @@ def _import(module: str) -> None:
 
 
 def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
-    """Run ``main``; a jaxcifar error prints one line naming the problem and the fix and exits 2."""
+    """Run ``main``; a jaxcifar error prints one line naming the problem and the fix and exits 2. The ``--out``
+    locks ``main`` took are released when it ends, so a second call in the same process (a notebook, a driver
+    script) can use the directory again."""
     try:
         main(argv)
     except JaxCifarError as e:
@@ -198,6 +200,12 @@ def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = 
         print("interrupted: checkpoints written so far are kept; run the same command again to resume",
               file=sys.stderr)
         raise SystemExit(130) from None
+    finally:
+        while _OUT_LOCKS:
+            _OUT_LOCKS.pop().release()
+
+
+_OUT_LOCKS: list[DirectoryLock] = []  # taken by out_dir, released by run_main
 
 
 def overridden(config: TrainConfig, args: argparse.Namespace) -> TrainConfig:
@@ -261,7 +269,8 @@ def _parsed(text: str) -> Any:
 def out_dir(args: argparse.Namespace) -> Path:
     """Create ``--out`` and lock it for this process (call it after every flag is checked, so a bad command
     line leaves nothing behind); a path that cannot be used is one ``OutputError`` line. The lock (kept on
-    ``args``, released when the process ends) makes a second process on the same ``--out`` stop at once."""
+    ``args``, released when :func:`run_main` returns or the process ends) makes a second process on the same
+    ``--out`` stop at once."""
     path = Path(args.out)
     if path.exists() and not path.is_dir():
         raise OutputError(f"--out {path} is a file: pass a directory (new or from an earlier run)")
@@ -269,6 +278,7 @@ def out_dir(args: argparse.Namespace) -> Path:
         path.mkdir(parents=True, exist_ok=True)
         if _is_process_zero():
             args.out_lock = DirectoryLock(path).acquire()
+            _OUT_LOCKS.append(args.out_lock)
     except OSError as e:
         raise OutputError(f"cannot write into --out {path} ({first_line(e)}): pass a writable directory") from e
     return path

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
 import json
 import subprocess
 import sys
@@ -11,16 +14,34 @@ import numpy as np
 import pytest
 from conftest import write_image_folder, zip_tree
 
+from jaxcifar import cli
+
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = tuple(f"c{i}" for i in range(10))
 
 
-def run(*args, cwd=ROOT, experiment="dropout_sweep"):
-    return subprocess.run([sys.executable, "-m", f"experiments.{experiment}", *args], cwd=cwd,
+def command(*args, experiment="dropout_sweep"):
+    """``python -m experiments.<experiment> *args`` as its own process."""
+    return subprocess.run([sys.executable, "-m", f"experiments.{experiment}", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
 
 
-def run_tiny(tmp_path, experiment, *args):
+def run(*args, experiment="dropout_sweep"):
+    """What :func:`command` does, in this process: the experiment's ``main`` behind its command line's error
+    handling (``cli.run_main``), its output captured; the exit status as a process would have it. Saves a
+    process start (~3 s) and shares compiled programs with the tests before it; :func:`command` is kept where
+    the process itself is under test (the main job's exit status, a process-wide compilation cache)."""
+    module = importlib.import_module(f"experiments.{experiment}")
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            cli.run_main(module.main, [str(a) for a in args])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    return subprocess.CompletedProcess([experiment, *args], code, out.getvalue(), err.getvalue())
+
+
+def run_tiny(tmp_path, experiment, *args, run=run):
     """Run ``experiment`` on a generated 10-class zip (120 train / 40 test, 20 held out); return
     ``(out dir, results.json)``."""
     out = tmp_path / "out"
@@ -43,7 +64,7 @@ def test_dropout_sweep_writes_report_and_resumes(tmp_path):
     out = tmp_path / "out"
     common = ["--data", str(data), "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--val-size", "20",
               "--batch-size", "25", "--rates", "0", "0.5", "--seeds", "2", "--no-progress"]
-    first = run(*common, "--epochs", "1")
+    first = command(*common, "--epochs", "1")  # the main job as its own process; the resume below in this one
     assert first.returncode == 0, first.stderr[-3000:]
     for name in ("results.json", "report.md", "curves.png", "val_accuracy.png", "forest.png"):
         assert (out / name).stat().st_size > 0
@@ -71,7 +92,7 @@ def test_dropout_sweep_writes_report_and_resumes(tmp_path):
 def test_bad_data_path_is_one_clear_line(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
-    r = run("--data", str(tmp_path / "missing.zip"), "--out", str(tmp_path / "out"))
+    r = command("--data", str(tmp_path / "missing.zip"), "--out", str(tmp_path / "out"))
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr
     assert (tmp_path / "out" / "keep.txt").read_text() == "x"
@@ -133,7 +154,8 @@ def test_robustness_bad_flags_fail_before_anything_is_written(tmp_path, flags, m
 
 def test_baseline_writes_report_and_model(tmp_path):
     cache = tmp_path / "compile-cache"
-    out, res = run_tiny(tmp_path, "baseline", "--batch-size", "25", "--epochs", "2", "--compile-cache", str(cache))
+    out, res = run_tiny(tmp_path, "baseline", "--batch-size", "25", "--epochs", "2", "--compile-cache", str(cache),
+                        run=command)  # its own process: --compile-cache sets a process-wide cache
     # every program fit compiles to train and evaluate was kept (one file per distinct program; a program compiled
     # twice, or served from the cache, counts twice in meta["compilations"], which also counts the data's set-up)
     kept = {p.name.split("-")[0] for p in cache.iterdir()}
