@@ -60,11 +60,10 @@ class EpochProgram:
         for length in sorted({hi - lo for lo, hi in self.bounds}):
             index = next(c for c in chunks if c.shape[-2] == length)
             self.run_chunk.lower(state, *data.train, index).compile()
-        for which in ("current", "best") if state.ema == () else ("current", "best", "ema"):
-            weights = state.weights(which)  # the same shapes: after the first, jit's cache answers
-            if data.val is not None:
-                self.evaluate_val.lower(weights, *data.val, *eval_plans["val"]).compile()
-            self.evaluate.lower(weights, *data.test, *eval_plans["test"]).compile()
+        # the best and the averaged weights have the current ones' shapes: these programs serve them too
+        if data.val is not None:
+            self.evaluate_val.lower(state.variables, *data.val, *eval_plans["val"]).compile()
+        self.evaluate.lower(state.variables, *data.test, *eval_plans["test"]).compile()
         per_run = jnp.zeros(() if self.n_runs is None else (self.n_runs,), jnp.float32)
         self.end_epoch.lower(state, per_run, per_run).compile()
         self.current_lr.lower(state).compile()
