@@ -268,17 +268,15 @@ def _parsed(text: str) -> Any:
 
 def out_dir(args: argparse.Namespace) -> Path:
     """Create ``--out`` and lock it for this process (call it after every flag is checked, so a bad command
-    line leaves nothing behind); a path that cannot be used is one ``OutputError`` line. The lock (kept on
-    ``args``, released when :func:`run_main` returns or the process ends) makes a second process on the same
-    ``--out`` stop at once."""
+    line leaves nothing behind); a path that cannot be used is one ``OutputError`` line. The lock (released when
+    :func:`run_main` returns or the process ends) makes a second process on the same ``--out`` stop at once."""
     path = Path(args.out)
     if path.exists() and not path.is_dir():
         raise OutputError(f"--out {path} is a file: pass a directory (new or from an earlier run)")
     try:
         path.mkdir(parents=True, exist_ok=True)
         if _is_process_zero():
-            args.out_lock = DirectoryLock(path).acquire()
-            _OUT_LOCKS.append(args.out_lock)
+            _OUT_LOCKS.append(DirectoryLock(path).acquire())
     except OSError as e:
         raise OutputError(f"cannot write into --out {path} ({first_line(e)}): pass a writable directory") from e
     return path
